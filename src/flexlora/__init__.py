@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from flexlora.core.types import AggregationError, ClientUpdate
 from flexlora.core.aggregators import available_aggregators, get_aggregator
-from flexlora.core.lowrank import dense_update
+from flexlora.core.aggregators import dense_update
 from flexlora.core.distributions import (
     ClientType,
     PAPER_CLIENT_TYPES,

@@ -1,0 +1,60 @@
+"""Aggregators: one per file, each naming its paper. Use :func:`get_aggregator` to build one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, dense_update
+from flexlora.core.aggregators.fedavg import FedAvg
+from flexlora.core.aggregators.flexlora import FlexLoRA
+from flexlora.core.aggregators.flora import FLoRA
+from flexlora.core.aggregators.hetlora import HetLoRA, pruned_ranks, rank_pruning_penalty
+from flexlora.core.types import AggregationError
+
+_REGISTRY: dict[str, type[Aggregator]] = {
+    "flexlora": FlexLoRA,
+    "fedavg": FedAvg,
+    "fedit": FedAvg,  # FedIT is FedAvg of LoRA factors with AdamW locally; the server side is the same
+    "hetlora": HetLoRA,
+    "flora": FLoRA,
+}
+
+
+def available_aggregators() -> list[str]:
+    """Names accepted by :func:`get_aggregator`."""
+    return sorted(_REGISTRY)
+
+
+def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
+    """Build the aggregator called ``name`` with its keyword settings.
+
+    Raises
+    ------
+    AggregationError
+        For an unknown name (the message lists the known ones) or an unknown setting.
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise AggregationError(f"unknown aggregator {name!r}; choose one of {available_aggregators()}")
+    cls = _REGISTRY[key]
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise AggregationError(f"aggregator {key!r}: {exc}") from exc
+
+
+__all__ = [
+    "Aggregator",
+    "AggregationError",
+    "FLoRA",
+    "FedAvg",
+    "FlexLoRA",
+    "GlobalState",
+    "HetLoRA",
+    "ModuleState",
+    "available_aggregators",
+    "dense_update",
+    "get_aggregator",
+    "pruned_ranks",
+    "rank_pruning_penalty",
+]

@@ -1,0 +1,86 @@
+"""Homogeneous factor-wise averaging: FedAvg / FedIT.
+
+Papers: H. B. McMahan et al., "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", AISTATS 2017, https://arxiv.org/abs/1602.05629 (FedAvg); J. Zhang et al.,
+"Towards Building the Federated GPT: Federated Instruction Tuning", ICASSP 2024,
+https://arxiv.org/abs/2305.05644 (FedIT: FedAvg of LoRA factors, AdamW locally).
+
+``A`` and ``B`` are averaged separately with weights ``p_k``. The product of the averages is not
+the average of the products; that inexactness is the point of comparison with FlexLoRA. Every
+client must use the same rank per module and the same alpha.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha
+from flexlora.core.types import AggregationError, ClientUpdate, Factors, check_rank_request, client_weights, validate_round
+
+
+class FedAvg(Aggregator):
+    """Factor-wise weighted averaging of homogeneous LoRA adapters.
+
+    Parameters
+    ----------
+    check_finite : bool, default True
+        Reject updates holding NaN or Inf.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, *, check_finite: bool = True) -> None:
+        super().__init__(check_finite=check_finite)
+
+    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
+        shapes = validate_round(updates, check_finite=self.check_finite)
+        alphas = {float(u.alpha) for u in updates}
+        if len(alphas) > 1:
+            raise AggregationError(
+                f"fedavg needs the same alpha on every client, got {sorted(alphas)}; "
+                "use 'flexlora' (or 'hetlora') for heterogeneous clients"
+            )
+        alpha = alphas.pop()
+        weights = client_weights(updates)
+        modules: dict[str, ModuleState] = {}
+        for name, shape in shapes.items():
+            ranks = [u.rank(name) for u in updates]
+            if len(set(ranks)) > 1:
+                who = ", ".join(f"{u.label(i)}: {r}" for i, (u, r) in enumerate(zip(updates, ranks)))
+                raise AggregationError(
+                    f"fedavg averages A and B factor-wise and needs one rank per module, but module "
+                    f"{name!r} has mixed ranks ({who}); use 'flexlora' for heterogeneous ranks"
+                )
+            first_a = updates[0].factors[name][0]
+            dtype = torch.float64 if first_a.dtype == torch.float64 else torch.float32
+            A = sum(w * u.factors[name][0].to(dtype) for w, u in zip(weights.tolist(), updates))
+            B = sum(w * u.factors[name][1].to(dtype) for w, u in zip(weights.tolist(), updates))
+            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=alpha / ranks[0])
+        return GlobalState(
+            aggregator=self.name,
+            modules=modules,
+            round=(previous.round + 1) if previous is not None else 1,
+            extra={"alpha": alpha},
+        )
+
+    def distribute(self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0) -> dict[str, Factors]:
+        """The averaged factors themselves; ``rank`` must equal the common rank.
+
+        When ``alpha`` differs from the clients' alpha, ``B`` is rescaled so the effective update
+        is unchanged.
+        """
+        _check_alpha(alpha)
+        ranks = check_rank_request(rank, state.shapes)
+        out: dict[str, Factors] = {}
+        for m, r in ranks.items():
+            st = state.modules[m]
+            if r != st.rank:
+                raise AggregationError(
+                    f"fedavg holds rank {st.rank} for module {m!r} but rank {r} was requested; fedavg "
+                    "cannot re-rank adapters (use 'flexlora' for heterogeneous ranks)"
+                )
+            assert st.A is not None and st.B is not None
+            out[m] = (st.A.clone(), st.B * (st.scale * r / float(alpha)))
+        return out

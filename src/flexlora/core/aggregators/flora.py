@@ -1,0 +1,91 @@
+"""FLoRA: exact aggregation by stacking.
+
+Paper: Z. Wang, Z. Shen, Y. He, G. Sun, H. Wang, L. Lyu, A. Li, "FLoRA: Federated Fine-Tuning
+Large Language Models with Heterogeneous Low-Rank Adaptations", NeurIPS 2024,
+https://arxiv.org/abs/2409.05976.
+
+Clients' factors are stacked (``B`` by columns scaled by ``p_k alpha_k / r_k``, ``A`` by rows),
+so the product of the stacks is exactly ``sum_k p_k (alpha_k / r_k) B_k A_k``. In FLoRA, clients
+train a fresh LoRA each round on top of the current global model, so a round's stacked update
+is an increment that is added to the previous global update. With partial participation the
+increment is the weighted mean over the sampled clients only, and absent clients contribute
+nothing. The stack is compressed exactly (by an SVD that keeps every nonzero direction) once its
+rank exceeds ``min(out, in)``, so it never grows beyond the size of a dense update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha, scaled_stack
+from flexlora.core.lowrank import svd_of_product
+from flexlora.core.types import ClientUpdate, Factors, client_weights, validate_round
+
+
+class FLoRA(Aggregator):
+    """Stacking aggregation (exact sum of products), accumulated over rounds.
+
+    Parameters
+    ----------
+    accumulate : bool, default True
+        Add each round's stacked increment to the previous global update (FLoRA's protocol,
+        where clients start a fresh LoRA every round). False makes each round's state the
+        stacked average alone.
+    check_finite : bool, default True
+        Reject updates holding NaN or Inf.
+    seed : int, default 0
+        Seeds the padding directions of :meth:`distribute` beyond the global rank.
+    """
+
+    name = "flora"
+
+    def __init__(self, *, accumulate: bool = True, check_finite: bool = True, seed: int = 0) -> None:
+        super().__init__(check_finite=check_finite, seed=seed)
+        self.accumulate = accumulate
+
+    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
+        shapes = validate_round(updates, check_finite=self.check_finite)
+        weights = client_weights(updates)
+        modules: dict[str, ModuleState] = {}
+        for name, shape in shapes.items():
+            B, A = scaled_stack(updates, name, weights)
+            if self.accumulate and previous is not None and name in previous.modules:
+                prev = previous.modules[name]
+                if prev.shape != shape:
+                    raise ValueError(f"module {name!r}: shape {shape} differs from the previous state's {prev.shape}")
+                pa, pb = _as_factors(prev)
+                A = torch.cat([pa.to(A), A], dim=0)
+                B = torch.cat([pb.to(B), B], dim=1)
+            if A.shape[0] > min(shape):
+                svd = svd_of_product(B, A, method="dense")
+                B, A = svd.U * svd.S, svd.V.T.contiguous()
+            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=1.0)
+        return GlobalState(
+            aggregator=self.name, modules=modules, round=(previous.round + 1) if previous is not None else 1
+        )
+
+    def stacked(self, state: GlobalState, alpha: float = 16.0) -> dict[str, Factors]:
+        """The exact global update as LoRA factors of rank ``R`` (the stack's size) per module:
+        ``(alpha / R) B @ A`` equals the global update exactly."""
+        _check_alpha(alpha)
+        out = {}
+        for m, st in state.modules.items():
+            A, B = _as_factors(st)
+            out[m] = (A.clone(), B * (A.shape[0] / float(alpha)))
+        return out
+
+    def distribute(self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0) -> dict[str, Factors]:
+        """Best rank-``r`` approximation of the (exact) stacked global update.
+
+        Use :meth:`stacked` for the full, untruncated update.
+        """
+        return super().distribute(state, rank, alpha)
+
+
+def _as_factors(st: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:
+    if st.svd is not None:
+        return st.svd.V.T, st.svd.U * st.svd.S
+    assert st.A is not None and st.B is not None
+    return st.A, st.B * st.scale

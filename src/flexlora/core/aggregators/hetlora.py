@@ -1,0 +1,164 @@
+"""HetLoRA: zero-padding aggregation with sparsity-aware weights, and rank self-pruning.
+
+Paper: Y. J. Cho, L. Liu, Z. Xu, A. Fahrezi, G. Joshi, "Heterogeneous LoRA for Federated
+Fine-tuning of On-Device Foundation Models", EMNLP 2024 (arXiv 2401.06432, 2024),
+https://arxiv.org/abs/2401.06432.
+
+Each client's factors are zero-padded to the round's largest rank and averaged factor-wise with
+weights proportional to the Frobenius norm of the client's update ``||(alpha_k/r_k) B_k A_k||_F``
+(per module). A client of rank ``r`` receives the first ``r`` rows of ``A`` and columns of ``B``.
+Clients add :func:`rank_pruning_penalty` to their loss so that the information they hold
+concentrates in the leading ranks, which truncation keeps.
+
+Each client's scaling ``alpha_k / r_k`` is folded into its ``B`` before averaging, so clients
+with different ranks or alphas are combined on the scale of their effective updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha
+from flexlora.core.lowrank import frobenius_of_product, orthonormal_padding, stable_seed
+from flexlora.core.types import AggregationError, ClientUpdate, Factors, check_rank_request, client_weights, validate_round
+
+_WEIGHTINGS = ("norm", "norm_size", "size")
+
+
+class HetLoRA(Aggregator):
+    """Zero-padding aggregation of heterogeneous-rank LoRA factors (Cho et al.).
+
+    Parameters
+    ----------
+    weighting : {"norm", "norm_size", "size"}, default "norm"
+        "norm" weights each client by the Frobenius norm of its module update (sparsity-aware,
+        as in the paper); "norm_size" multiplies that by ``n_k``; "size" uses ``p_k`` alone.
+    check_finite : bool, default True
+        Reject updates holding NaN or Inf.
+    seed : int, default 0
+        Seeds the directions used when a client asks for more rank than the global holds.
+    """
+
+    name = "hetlora"
+
+    def __init__(self, *, weighting: str = "norm", check_finite: bool = True, seed: int = 0) -> None:
+        super().__init__(check_finite=check_finite, seed=seed)
+        if weighting not in _WEIGHTINGS:
+            raise AggregationError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
+
+    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
+        shapes = validate_round(updates, check_finite=self.check_finite)
+        sizes = client_weights(updates)
+        modules: dict[str, ModuleState] = {}
+        for name, shape in shapes.items():
+            r_max = max(u.rank(name) for u in updates)
+            first_a = updates[0].factors[name][0]
+            dtype = torch.float64 if first_a.dtype == torch.float64 else torch.float32
+            device = first_a.device
+            scaled = []
+            for u in updates:
+                a, b = u.factors[name]
+                scaled.append((a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype) * u.scale(name)))
+            weights = self._weights(scaled, sizes, name)
+            A = torch.zeros(r_max, shape[1], dtype=dtype, device=device)
+            B = torch.zeros(shape[0], r_max, dtype=dtype, device=device)
+            for w, (a, b) in zip(weights, scaled):
+                r = a.shape[0]
+                A[:r] += w * a
+                B[:, :r] += w * b
+            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=1.0)
+        return GlobalState(
+            aggregator=self.name, modules=modules, round=(previous.round + 1) if previous is not None else 1
+        )
+
+    def _weights(self, scaled: list[tuple[torch.Tensor, torch.Tensor]], sizes: torch.Tensor, module: str) -> list[float]:
+        if self.weighting == "size":
+            return sizes.tolist()
+        norms = torch.stack([frobenius_of_product(b.double(), a.double()) for a, b in scaled])
+        if self.weighting == "norm_size":
+            norms = norms * sizes
+        total = float(norms.sum())
+        if not total > 0.0:
+            # Every update of this module is zero (e.g. the first steps of LoRA with B = 0):
+            # the norms carry no information, so fall back to data-size weights.
+            return sizes.tolist()
+        return (norms / total).tolist()
+
+    def distribute(self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0) -> dict[str, Factors]:
+        """The first ``r`` ranks of the padded global factors (truncation, as in the paper)."""
+        _check_alpha(alpha)
+        ranks = check_rank_request(rank, state.shapes)
+        out: dict[str, Factors] = {}
+        for m, r in ranks.items():
+            st = state.modules[m]
+            assert st.A is not None and st.B is not None
+            keep = min(r, st.rank)
+            A = st.A[:keep].clone()
+            B = st.B[:, :keep] * (st.scale * r / float(alpha))
+            if r > keep:
+                extra = r - keep
+                pad = orthonormal_padding(st.A.new_zeros(st.shape[1], 0), extra, stable_seed(self.seed, m, r)).T
+                A = torch.cat([A, pad], dim=0)
+                B = torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1)
+            out[m] = (A.contiguous(), B.contiguous())
+        return out
+
+
+def _tail_start(rank: int, gamma: float) -> int:
+    return max(1, min(rank, math.floor(gamma * rank)))
+
+
+def rank_pruning_penalty(
+    factors: Mapping[str, Factors], *, gamma: float = 0.99, strength: float = 1.0
+) -> torch.Tensor:
+    """HetLoRA's rank self-pruning regulariser, differentiable in every factor.
+
+    ``strength * sum_modules ||B[:, t:]||_F * ||A[t:, :]||_F`` with ``t = floor(gamma * r)``:
+    it penalises the tail ranks that truncation would drop first.
+
+    Parameters
+    ----------
+    factors : mapping of module -> (A, B)
+        The client's live LoRA parameters (``A: r x in``, ``B: out x r``), usually requiring grad.
+    gamma : float, default 0.99
+        Fraction of each module's rank that is not penalised, in (0, 1].
+    strength : float, default 1.0
+        The regularisation coefficient (lambda).
+
+    Returns
+    -------
+    Tensor
+        A scalar connected to the autograd graph of the factors.
+    """
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    if not factors:
+        raise ValueError("rank_pruning_penalty needs at least one module")
+    terms = []
+    for A, B in factors.values():
+        t = _tail_start(A.shape[0], gamma)
+        terms.append(torch.linalg.norm(B[:, t:]) * torch.linalg.norm(A[t:, :]))
+    return strength * torch.stack(terms).sum()
+
+
+def pruned_ranks(
+    factors: Mapping[str, Factors], *, gamma: float = 0.99, threshold: float = 1e-3
+) -> dict[str, int]:
+    """HetLoRA's self-pruning decision: the rank each module keeps for the next round.
+
+    A module's rank drops to ``floor(gamma * r)`` when its tail's share of the update,
+    ``||B[:, t:]|| ||A[t:, :]|| / (||B|| ||A||)``, is below ``threshold``; otherwise it stays.
+    """
+    out = {}
+    for m, (A, B) in factors.items():
+        r = A.shape[0]
+        t = _tail_start(r, gamma)
+        with torch.no_grad():
+            full = float(torch.linalg.norm(B) * torch.linalg.norm(A))
+            tail = float(torch.linalg.norm(B[:, t:]) * torch.linalg.norm(A[t:, :]))
+        out[m] = t if (t < r and full > 0 and tail / full < threshold) else r
+    return out

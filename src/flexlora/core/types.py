@@ -1,0 +1,166 @@
+"""Plain-tensor types shared by every aggregator, and the validation of client updates.
+
+A LoRA module holds two factors: ``A`` with shape ``(r, in_features)`` and ``B`` with shape
+``(out_features, r)``; the module's effective update is ``(alpha / r) * B @ A``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+"""``(A, B)`` with ``A: r x in`` and ``B: out x r``."""
+
+
+class AggregationError(ValueError):
+    """A client update or a request the aggregator cannot accept.
+
+    The message names the client (by its position in the round) and the module, and says how
+    to fix the input. It subclasses ``ValueError`` so callers that catch bad input generically
+    still catch it.
+    """
+
+
+@dataclass
+class ClientUpdate:
+    """One client's contribution to a round.
+
+    Parameters
+    ----------
+    factors : Mapping[str, tuple[Tensor, Tensor]]
+        Module name -> ``(A, B)``, ``A`` of shape ``(r, in)`` and ``B`` of shape ``(out, r)``.
+        The rank ``r`` is read from the shapes; it may differ per module and per client.
+    num_examples : int
+        Number of local training examples; sets the client's weight ``p_k = n_k / sum_j n_j``.
+    alpha : float, default 16.0
+        LoRA scaling numerator of this client: the effective update is ``(alpha / r) B @ A``.
+    client_id : str or None, default None
+        Used in error messages and logs only.
+    """
+
+    factors: Mapping[str, Factors]
+    num_examples: int
+    alpha: float = 16.0
+    client_id: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def rank(self, module: str) -> int:
+        """Rank of ``module`` in this update (rows of its ``A`` factor)."""
+        return int(self.factors[module][0].shape[0])
+
+    def scale(self, module: str) -> float:
+        """LoRA scaling ``alpha / r`` of ``module``."""
+        return float(self.alpha) / self.rank(module)
+
+    def label(self, index: int) -> str:
+        return f"client {index}" + (f" ({self.client_id!r})" if self.client_id is not None else "")
+
+
+def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True) -> dict[str, tuple[int, int]]:
+    """Check a round's updates and return ``{module: (out_features, in_features)}``.
+
+    Raises
+    ------
+    AggregationError
+        For an empty round, a non-positive or non-integer ``num_examples``, a non-positive or
+        non-finite ``alpha``, factors whose shapes do not chain (``A: r x in``, ``B: out x r``),
+        a module missing in some clients, a module whose shape differs across clients, a rank
+        of zero or above ``min(out, in)``, or NaN/Inf values.
+    """
+    if len(updates) == 0:
+        raise AggregationError("empty round: aggregate() needs at least one ClientUpdate")
+    shapes: dict[str, tuple[int, int]] = {}
+    first_modules: set[str] | None = None
+    for i, u in enumerate(updates):
+        who = u.label(i) if isinstance(u, ClientUpdate) else f"client {i}"
+        if not isinstance(u, ClientUpdate):
+            raise AggregationError(f"{who}: expected a flexlora.ClientUpdate, got {type(u).__name__}")
+        n = u.num_examples
+        if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(n) or n <= 0 or n != int(n):
+            raise AggregationError(
+                f"{who}: num_examples must be a positive integer (it sets the client's weight), got {n!r}"
+            )
+        if not isinstance(u.alpha, int | float) or not math.isfinite(u.alpha) or u.alpha <= 0:
+            raise AggregationError(f"{who}: alpha must be a positive finite number, got {u.alpha!r}")
+        if len(u.factors) == 0:
+            raise AggregationError(f"{who}: the update holds no modules")
+        modules = set(u.factors)
+        if first_modules is None:
+            first_modules = modules
+        elif modules != first_modules:
+            missing = sorted(first_modules - modules)
+            extra = sorted(modules - first_modules)
+            raise AggregationError(
+                f"{who}: its modules differ from client 0's (missing: {missing[:5]}, extra: {extra[:5]}). "
+                "Every client of a round must send the same set of LoRA modules."
+            )
+        for name, pair in u.factors.items():
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise AggregationError(f"{who}, module {name!r}: factors must be a pair (A, B)")
+            a, b = pair
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+                raise AggregationError(f"{who}, module {name!r}: A and B must be torch tensors")
+            if a.ndim != 2 or b.ndim != 2:
+                raise AggregationError(
+                    f"{who}, module {name!r}: A and B must be 2-D, got A{tuple(a.shape)} and B{tuple(b.shape)}"
+                )
+            r, fan_in = a.shape
+            fan_out, rb = b.shape
+            if r != rb:
+                raise AggregationError(
+                    f"{who}, module {name!r}: A is {tuple(a.shape)} (r x in) but B is {tuple(b.shape)} (out x r); "
+                    f"their ranks differ ({r} vs {rb}). Pass (A, B) in that order with A: r x in, B: out x r."
+                )
+            if r < 1 or r > min(fan_out, fan_in):
+                raise AggregationError(
+                    f"{who}, module {name!r}: rank {r} is outside 1..min(out, in) = {min(fan_out, fan_in)} "
+                    f"for a {fan_out} x {fan_in} module"
+                )
+            shape = (int(fan_out), int(fan_in))
+            if name in shapes and shapes[name] != shape:
+                raise AggregationError(
+                    f"{who}, module {name!r}: shape {shape} (out, in) differs from {shapes[name]} in earlier "
+                    "clients. All clients must adapt the same base model."
+                )
+            shapes[name] = shape
+            if check_finite and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+                bad = "A" if not bool(torch.isfinite(a).all()) else "B"
+                raise AggregationError(
+                    f"{who}, module {name!r}: factor {bad} holds NaN or Inf values; drop this client's update "
+                    "(its local training diverged) or lower its learning rate"
+                )
+    return shapes
+
+
+def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """Data-size weights ``p_k = n_k / sum_j n_j`` over the round's clients, as float64."""
+    n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    return n / n.sum()
+
+
+def check_rank_request(rank: int | Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """Resolve ``rank`` (one int, or one per module) to ``{module: r}`` and validate it."""
+    if isinstance(rank, Mapping):
+        missing = sorted(set(shapes) - set(rank))
+        if missing:
+            raise AggregationError(f"rank mapping lacks modules {missing[:5]}; give a rank for every module")
+        unknown = sorted(set(rank) - set(shapes))
+        if unknown:
+            raise AggregationError(f"rank mapping names modules the round does not hold: {unknown[:5]}")
+        ranks = {m: rank[m] for m in shapes}
+    else:
+        ranks = {m: rank for m in shapes}
+    for m, r in ranks.items():
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise AggregationError(f"module {m!r}: requested rank must be a positive int, got {r!r}")
+        out_f, in_f = shapes[m]
+        if r > min(out_f, in_f):
+            raise AggregationError(
+                f"module {m!r}: requested rank {r} exceeds min(out, in) = {min(out_f, in_f)} of its "
+                f"{out_f} x {in_f} weight; cap the rank (flexlora.core.distributions.cap_ranks does this)"
+            )
+    return ranks
