@@ -79,7 +79,7 @@ def svd_of_product(
     A: torch.Tensor,
     *,
     method: SVDMethod = "auto",
-    dense_threshold: float = 0.5,
+    dense_threshold: float = 0.85,
     max_rank: int | None = None,
     oversample: int = 10,
     power_iters: int = 2,
@@ -95,7 +95,7 @@ def svd_of_product(
         "auto" picks "qr" when ``R <= dense_threshold * min(out, in)`` and "dense" otherwise.
         Both are exact. "randomized" is approximate (see ``randomized_svd_of_product``) and is
         only used when asked for; it needs ``max_rank``.
-    dense_threshold : float, default 0.5
+    dense_threshold : float, default 0.85
         Crossover of "auto" between the thin-QR and dense paths, as a fraction of ``min(out, in)``.
     max_rank : int or None, default None
         Keep only the top ``max_rank`` triplets (memory); None keeps all ``min(R, out, in)``.

@@ -127,13 +127,21 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
                     "clients. All clients must adapt the same base model."
                 )
             shapes[name] = shape
-            if check_finite and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-                bad = "A" if not bool(torch.isfinite(a).all()) else "B"
+            if check_finite and not (_all_finite(a) and _all_finite(b)):
+                bad = "A" if not _all_finite(a) else "B"
                 raise AggregationError(
                     f"{who}, module {name!r}: factor {bad} holds NaN or Inf values; drop this client's update "
                     "(its local training diverged) or lower its learning rate"
                 )
     return shapes
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # A sum is one fast reduction and propagates NaN/Inf; only when it is not finite (which an
+    # overflow of large finite values can also cause) is the elementwise check needed.
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""Aggregation benchmark: flexlora's aggregate + distribute against the dense reference.
+
+The dense reference is the published approach: form the dense weighted sum
+``sum_k p_k (alpha_k / r_k) B_k A_k`` client by client, take one full SVD, and truncate it to
+each distinct client rank. flexlora's path is ``FlexLoRA(max_rank=<largest client rank>)``:
+aggregate, then distribute to every distinct rank.
+
+Each (case, method) runs in its own subprocess, so its peak memory (resident set growth over the
+inputs) is measured alone. Agreement is checked on random sketches ``P^T X_r Q`` of each rank-r
+effective update (the same ``P``, ``Q`` for both methods): a disagreement of the full matrices
+shows in the sketches with probability one.
+
+Usage::
+
+    python benchmarks/aggregation.py            # all four cases (about 4 minutes on 2 cores)
+    python benchmarks/aggregation.py --quick    # 1024-sized modules, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RANKS = (8, 30, 200)
+ALPHA = 16.0
+SKETCH = 16
+
+
+def _rss_mib() -> float:
+    # Current resident set from /proc (Linux); ru_maxrss gives the peak.
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def make_round(out_f: int, in_f: int, scenario: str, seed: int):
+    """The round's factors: 10 clients cycling ranks 8/30/200, or 80 heavy-tail-light clients."""
+    from flexlora.core.distributions import sample_client_types
+
+    g = torch.Generator().manual_seed(seed)
+    if scenario == "10-mixed":
+        ranks = [RANKS[i % 3] for i in range(10)]
+    else:
+        types = sample_client_types(80, "heavy-tail-light", seed=seed)
+        # 4096 x 4096 stands for an attention projection, 4096 x 11008 for an MLP one.
+        ranks = [t.attention_rank if out_f == in_f else t.mlp_rank for t in types]
+    factors, sizes = [], []
+    for r in ranks:
+        A = torch.randn(r, in_f, generator=g) / in_f**0.5
+        B = torch.randn(out_f, r, generator=g) / r**0.5
+        factors.append((A, B))
+        sizes.append(int(torch.randint(20, 200, (1,), generator=g)))
+    return factors, sizes, ranks
+
+
+def run_flexlora(factors, sizes, ranks):
+    import flexlora
+
+    updates = [flexlora.ClientUpdate({"m": f}, num_examples=n, alpha=ALPHA) for f, n in zip(factors, sizes)]
+    agg = flexlora.get_aggregator("flexlora", max_rank=max(ranks))
+    state = agg.aggregate(updates)
+    out = {r: agg.distribute(state, rank=r, alpha=ALPHA)["m"] for r in sorted(set(ranks))}
+    method = state.modules["m"].svd.method
+    return out, method
+
+
+def run_dense(factors, sizes, ranks):
+    total = float(sum(sizes))
+    dense = None
+    for (A, B), n, r in zip(factors, sizes, ranks):
+        term = (n / total) * (ALPHA / r) * (B @ A)
+        dense = term if dense is None else dense.add_(term)
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    out = {}
+    for r in sorted(set(ranks)):
+        out[r] = (Vh[:r].clone(), U[:, :r] * S[:r] * (r / ALPHA))
+    return out, "dense"
+
+
+def worker(args) -> None:
+    torch.manual_seed(0)
+    factors, sizes, ranks = make_round(args.out, args.inp, args.scenario, args.seed)
+    fn = run_flexlora if args.worker == "flexlora" else run_dense
+    if args.worker == "flexlora":
+        import flexlora  # noqa: F401  (import cost is not part of the timing)
+    base_rss = _rss_mib()
+    base_peak = _peak_mib()
+    t0 = time.perf_counter()
+    out, path = fn(factors, sizes, ranks)
+    seconds = time.perf_counter() - t0
+    peak = max(_peak_mib() - max(base_peak, base_rss), 0.0)
+    g = torch.Generator().manual_seed(1234)
+    P = torch.randn(args.out, SKETCH, generator=g, dtype=torch.float64)
+    Q = torch.randn(args.inp, SKETCH, generator=g, dtype=torch.float64)
+    sketches = {}
+    for r, (A, B) in out.items():
+        # P^T (alpha/r B A) Q without forming the dense product.
+        sk = (ALPHA / r) * ((P.T @ B.double()) @ (A.double() @ Q))
+        sketches[str(r)] = sk.flatten().tolist()
+    json.dump(
+        {"seconds": seconds, "peak_mib": peak, "path": path, "R": sum(ranks), "sketches": sketches},
+        sys.stdout,
+    )
+
+
+def run_case(out_f: int, in_f: int, scenario: str, seed: int) -> dict:
+    res = {}
+    for method in ("flexlora", "dense"):
+        cmd = [sys.executable, __file__, "--worker", method, "--out", str(out_f), "--inp", str(in_f),
+               "--scenario", scenario, "--seed", str(seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"worker failed ({method}, {out_f}x{in_f}, {scenario}):\n{proc.stderr}")
+        res[method] = json.loads(proc.stdout)
+    err = 0.0
+    for r, sk in res["dense"]["sketches"].items():
+        ref = torch.tensor(sk, dtype=torch.float64)
+        got = torch.tensor(res["flexlora"]["sketches"][r], dtype=torch.float64)
+        err = max(err, float((got - ref).norm() / ref.norm()))
+    return {
+        "case": f"{out_f}x{in_f}",
+        "scenario": scenario,
+        "R": res["flexlora"]["R"],
+        "path": res["flexlora"]["path"],
+        "flexlora_s": res["flexlora"]["seconds"],
+        "dense_s": res["dense"]["seconds"],
+        "speedup": res["dense"]["seconds"] / res["flexlora"]["seconds"],
+        "flexlora_peak_mib": res["flexlora"]["peak_mib"],
+        "dense_peak_mib": res["dense"]["peak_mib"],
+        "max_rel_diff": err,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1024-sized modules (a smoke run)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write the rows to this file")
+    ap.add_argument("--worker", choices=("flexlora", "dense"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--inp", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--scenario", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    shapes = [(1024, 1024), (1024, 2752)] if args.quick else [(4096, 4096), (4096, 11008)]
+    rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ranks {RANKS}, alpha {ALPHA}")
+    header = f"{'module':>11} {'clients':>16} {'R':>5} {'path':>5} {'flexlora s':>10} {'dense s':>8} {'speedup':>8} " \
+             f"{'flex MiB':>9} {'dense MiB':>9} {'max rel diff':>12}"
+    print(header)
+    for out_f, in_f in shapes:
+        for scenario in ("10-mixed", "80-heavy-tail-light"):
+            row = run_case(out_f, in_f, scenario, args.seed)
+            rows.append(row)
+            print(f"{row['case']:>11} {scenario:>16} {row['R']:>5} {row['path']:>5} {row['flexlora_s']:>10.3f} "
+                  f"{row['dense_s']:>8.2f} {row['speedup']:>7.1f}x {row['flexlora_peak_mib']:>9.0f} "
+                  f"{row['dense_peak_mib']:>9.0f} {row['max_rel_diff']:>12.1e}", flush=True)
+    worst = min(r["speedup"] for r in rows)
+    disagree = max(r["max_rel_diff"] for r in rows)
+    print(f"slowest speedup {worst:.1f}x; largest relative difference of the results {disagree:.1e}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if disagree > 1e-4:
+        raise SystemExit("results disagree with the dense reference")
+
+
+if __name__ == "__main__":
+    main()
