@@ -1,0 +1,351 @@
+"""The run configuration: dataclasses whose fields carry their help text, loaded from TOML or
+YAML, overridden with ``--set key=value``, and validated with messages that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and says what is accepted."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainSection:
+    """Local training of each sampled client."""
+
+    optimizer: str = _f("adamw", "Local optimizer: 'adamw' (FedIT) or 'sgd' (FedAvg).", choices=("adamw", "sgd"))
+    lr: float = _f(3e-4, "Peak learning rate of local training.")
+    weight_decay: float = _f(0.0, "Weight decay of the local optimizer.")
+    momentum: float = _f(0.0, "SGD momentum (sgd only).")
+    micro_batch_size: int = _f(4, "Examples per forward/backward pass.")
+    grad_accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    epochs: float = _f(0.0, "Local epochs per round; used when local_steps is 0.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    lr_scheduler: str = _f("constant", "Within-round schedule: constant, linear or cosine.",
+                           choices=("constant", "linear", "cosine"))
+    warmup_steps: int = _f(0, "Linear warm-up steps at the start of each local round.")
+    cutoff_len: int = _f(256, "Maximum tokens per training example (prompt + answer).")
+    train_on_inputs: bool = _f(False, "Also compute the loss on prompt tokens (default: response only).")
+    template: str = _f("alpaca", "Prompt template: 'alpaca' (the paper's), 'chat' (the model's chat template) "
+                       "or 'plain'.", choices=("alpaca", "chat", "plain"))
+    hetlora_strength: float = _f(1e-3, "Strength of HetLoRA's rank self-pruning regulariser (hetlora only).")
+    hetlora_gamma: float = _f(0.99, "Fraction of each rank not penalised by the regulariser (hetlora only).")
+
+
+@dataclass
+class LoraSection:
+    """LoRA settings shared by all clients (ranks come from the client types)."""
+
+    alpha: float = _f(16.0, "LoRA alpha of every client type (scaling alpha / r).")
+    dropout: float = _f(0.0, "LoRA dropout during local training.")
+    targets: str = _f("all", "Adapted modules: 'all' (attention and MLP projections), 'attention' or 'mlp'.",
+                      choices=("all", "attention", "mlp"))
+    types: list = _f([], "Custom client types as [[attention_rank, mlp_rank], ...], smallest first; "
+                     "empty = the paper's four types (8/8, 30/30, 30/200, 200/200).")
+    ranks: list = _f([], "Explicit per-client ranks (int or [attention, mlp] per client); overrides "
+                     "rank_distribution when given.")
+
+
+@dataclass
+class DataSection:
+    """How data is split into clients and prompted."""
+
+    partition: str = _f("natural", "Client partition: natural (one task or category per client), dirichlet, iid.",
+                        choices=("natural", "dirichlet", "iid"))
+    dirichlet_alpha: float = _f(0.5, "Concentration of the Dirichlet partition (smaller = more skewed).")
+    max_per_task: int = _f(0, "Cap on training examples per task (0 = no cap).")
+    unseen_tasks: list = _f([], "Held-out task names for zero-shot evaluation (loader default when empty).")
+
+
+@dataclass
+class EvalSection:
+    """Evaluation of the global model on unseen tasks."""
+
+    every: int = _f(1, "Evaluate every k rounds (the last round is always evaluated); 0 = only at the end.")
+    baseline: bool = _f(True, "Evaluate the base model (round 0) before training.")
+    max_tasks: int = _f(0, "Cap on unseen tasks evaluated (0 = all).")
+    max_examples_per_task: int = _f(8, "Cap on examples per unseen task (0 = all).")
+    max_new_tokens: int = _f(24, "Tokens generated per answer (greedy).")
+    batch_size: int = _f(16, "Prompts per generation batch.")
+    loss_batch_size: int = _f(8, "Examples per batch for the eval loss.")
+
+
+@dataclass
+class ExportSection:
+    """What is written at the end of a run."""
+
+    rank: int = _f(0, "Rank of the exported PEFT adapter (0 = the largest client rank).")
+    merged: bool = _f(False, "Also write the merged model (base + adapter) to run_dir/merged.")
+
+
+@dataclass
+class RunConfig:
+    """A federated fine-tuning run (the `flexlora run` configuration)."""
+
+    model: str = _f("builtin:smollm2-135m-instruct", "Base model: builtin:smollm2-135m-instruct, builtin:tiny-llama, "
+                    "a local model directory, a .gguf file, or a hub id (online).")
+    data: str = _f("builtin:demo-tasks", "Data: builtin:demo-tasks, a natural-instructions directory, a Dolly-15k "
+                   "JSONL (or databricks/databricks-dolly-15k online), or a generic JSON/JSONL file.")
+    aggregator: str = _f("flexlora", "Server aggregation: flexlora, fedavg (fedit), hetlora, flora.")
+    rank_distribution: str = _f("uniform", "Client resource distribution: homo, uniform, heavy-tail-light, "
+                                "heavy-tail-strong, normal.")
+    num_clients: int = _f(0, "Number of clients (0 = one per task of the data).")
+    clients_per_round: float = _f(0.25, "Clients sampled per round: below 1 a fraction of all clients "
+                                  "(at least one), from 1 up a count (capped at num_clients).")
+    rounds: int = _f(3, "Federated rounds.")
+    local_steps: int = _f(10, "Optimizer steps per client per round (0 = use train.epochs).")
+    seed: int = _f(0, "Seed of everything: partition, rank assignment, sampling, training.")
+    device: str = _f("auto", "Torch device: auto, cpu, cuda, cuda:1, mps.")
+    dtype: str = _f("float32", "Base model dtype: float32, bfloat16 or float16.",
+                    choices=("float32", "bfloat16", "float16"))
+    aggregator_options: dict = _f({}, "Extra keyword settings of the aggregator (e.g. max_rank, svd_method).")
+    train: TrainSection = field(default_factory=TrainSection, metadata={"help": "Local training."})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA settings."})
+    data_options: DataSection = field(default_factory=DataSection, metadata={"help": "Data partition."})
+    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
+    export: ExportSection = field(default_factory=ExportSection, metadata={"help": "Exports."})
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check types, choices and ranges of every field; raise :class:`ConfigError` naming the key."""
+    _check_types(cfg, "")
+    from flexlora.core.aggregators import available_aggregators
+    from flexlora.core.distributions import available_distributions
+
+    if cfg.aggregator.lower() not in available_aggregators():
+        _fail("aggregator", f"unknown aggregator {cfg.aggregator!r}; choose one of {available_aggregators()}")
+    if cfg.rank_distribution not in available_distributions():
+        _fail("rank_distribution", f"unknown distribution {cfg.rank_distribution!r}; "
+              f"choose one of {available_distributions()}")
+    if cfg.num_clients < 0:
+        _fail("num_clients", "must be >= 0 (0 = one client per task)")
+    cpr = cfg.clients_per_round
+    if not (0 < cpr < 1 or (cpr >= 1 and float(cpr).is_integer())):
+        _fail("clients_per_round", f"must be a fraction in (0, 1) or a whole count >= 1, got {cpr!r}")
+    if cfg.rounds < 1:
+        _fail("rounds", "must be >= 1")
+    if cfg.local_steps < 0:
+        _fail("local_steps", "must be >= 0")
+    if cfg.local_steps == 0 and cfg.train.epochs <= 0:
+        _fail("local_steps", "is 0, so train.epochs must be > 0")
+    t = cfg.train
+    for key, v, lo in (("train.lr", t.lr, 0.0), ("train.micro_batch_size", t.micro_batch_size, 1),
+                       ("train.grad_accum_steps", t.grad_accum_steps, 1), ("train.cutoff_len", t.cutoff_len, 8)):
+        if not v >= lo or (key == "train.lr" and v <= 0):
+            _fail(key, f"must be {'> 0' if key == 'train.lr' else f'>= {lo}'}, got {v!r}")
+    if t.max_grad_norm < 0 or t.weight_decay < 0 or t.warmup_steps < 0:
+        _fail("train", "max_grad_norm, weight_decay and warmup_steps must be >= 0")
+    if cfg.lora.alpha <= 0:
+        _fail("lora.alpha", "must be > 0")
+    if not 0 <= cfg.lora.dropout < 1:
+        _fail("lora.dropout", "must be in [0, 1)")
+    for i, r in enumerate(cfg.lora.types):
+        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x >= 1 for x in r)):
+            _fail("lora.types", f"entry {i} must be [attention_rank, mlp_rank] of positive ints, got {r!r}")
+    for i, r in enumerate(cfg.lora.ranks):
+        ok = (isinstance(r, int) and not isinstance(r, bool) and r >= 1) or (
+            isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x >= 1 for x in r))
+        if not ok:
+            _fail("lora.ranks", f"entry {i} must be a positive int or [attention, mlp], got {r!r}")
+    if cfg.lora.ranks and cfg.num_clients and len(cfg.lora.ranks) != cfg.num_clients:
+        _fail("lora.ranks", f"gives {len(cfg.lora.ranks)} ranks but num_clients is {cfg.num_clients}")
+    if cfg.data_options.dirichlet_alpha <= 0:
+        _fail("data_options.dirichlet_alpha", "must be > 0")
+    e = cfg.eval
+    for key, v in (("eval.every", e.every), ("eval.max_tasks", e.max_tasks),
+                   ("eval.max_examples_per_task", e.max_examples_per_task)):
+        if v < 0:
+            _fail(key, "must be >= 0")
+    for key, v in (("eval.max_new_tokens", e.max_new_tokens), ("eval.batch_size", e.batch_size),
+                   ("eval.loss_batch_size", e.loss_batch_size)):
+        if v < 1:
+            _fail(key, "must be >= 1")
+    if cfg.export.rank < 0:
+        _fail("export.rank", "must be >= 0 (0 = the largest client rank)")
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
+        want = hints[f.name]
+        if dataclasses.is_dataclass(want):
+            if not isinstance(value, want):
+                _fail(key, f"must be a table of settings, got {type(value).__name__}")
+            _check_types(value, key + ".")
+            continue
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(obj, f.name, float(value))
+            value = float(value)
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok:
+            _fail(key, f"must be {want.__name__}, got {type(value).__name__} {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            _fail(key, f"must be one of {list(choices)}, got {value!r}")
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
+
+
+def _known_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from nested plain values; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a table of settings, got {type(data).__name__}")
+    sections = _section_types()
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}': must be a table of settings, got {value!r}")
+            sub_known = _known_keys(sections[key])
+            for sk in value:
+                if sk not in sub_known:
+                    raise _unknown(f"{key}.{sk}", sub_known)
+            kwargs[key] = sections[key](**value)
+        elif key in _known_keys(RunConfig):
+            kwargs[key] = value
+        else:
+            raise _unknown(key, _known_keys(RunConfig))
+    return RunConfig(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` -> (["train", "lr"], 0.001). Values are read as TOML values
+    (numbers, booleans, arrays, quoted strings); anything else is a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) config, apply ``--set`` overrides, validate.
+
+    Raises
+    ------
+    ConfigError
+        For a missing or unreadable file, a syntax error (with the parser's position), an
+        unknown key, or a value of the wrong type or range.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".toml":
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+        else:
+            raise ConfigError(f"{p}: unknown config format {p.suffix!r}; use .toml, .yaml or .yml")
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a table")
+        node[parts[-1]] = value
+    return from_dict(data)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML text (top-level keys first, then one table per section)."""
+    d = cfg.to_dict()
+    lines: list[str] = []
+    tables = []
+    for k, v in d.items():
+        if isinstance(v, dict) and k in _section_types():
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def describe() -> str:
+    """Every key with its default and help text (for ``flexlora run --help-config``)."""
+    out = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            hints = typing.get_type_hints(cls)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out.append(f"{prefix}{f.name} = {_toml_value(default)}\n    {f.metadata.get('help', '')}")
+
+    walk(RunConfig, "")
+    return "\n".join(out)
+
+
