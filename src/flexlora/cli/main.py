@@ -1,0 +1,140 @@
+"""The ``flexlora`` command line: ``run``, ``eval``, ``export`` and ``config``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flexlora",
+        description="Federated LoRA fine-tuning with heterogeneous client ranks (FlexLoRA and baselines).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated fine-tuning (the default config needs no arguments)")
+    run.add_argument("config", nargs="?", help="TOML or YAML config file (default: the built-in demo)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set rounds=5 --set train.lr=1e-3 (repeatable)")
+    run.add_argument("--output", type=Path, help="run directory (default: runs/<timestamp>)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue a killed or finished run from its last checkpoint (only `rounds` may change)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    ev = sub.add_parser("eval", help="evaluate a run's global model on the unseen tasks")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override eval.* keys, e.g. --set eval.max_examples_per_task=0")
+    ev.add_argument("--base", action="store_true", help="evaluate the base model instead (no adapter)")
+    ev.add_argument("--json", type=Path, help="also write the result to this file")
+
+    ex = sub.add_parser("export", help="export a run's global adapter (PEFT format) and optionally a merged model")
+    ex.add_argument("run_dir", type=Path)
+    ex.add_argument("--rank", type=int, default=None, help="export rank (default: the run's export.rank)")
+    ex.add_argument("--output", type=Path, help="adapter directory (default: RUN_DIR/adapter)")
+    ex.add_argument("--merged", type=Path, metavar="DIR", help="also write the merged model to DIR")
+
+    cf = sub.add_parser("config", help="print every config key with its default and help text")
+    cf.add_argument("--toml", action="store_true", help="print the default config as TOML instead")
+    return p
+
+
+def _resume_config(run_dir: Path, overrides: list[str]):
+    from flexlora.engines.config import ConfigError, load_config
+
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir} holds no config.toml; is it a flexlora run directory?")
+    return load_config(cfg_path, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flexlora.engines.config import load_config
+    from flexlora.engines.simulation import Simulation, default_run_dir
+
+    if args.resume is not None:
+        if args.config or args.output:
+            _log("error: --resume takes the run's own config and directory; drop CONFIG/--output")
+            return EXIT_BAD_INPUT
+        cfg = _resume_config(args.resume, args.overrides)
+        run_dir = args.resume
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = args.output or default_run_dir()
+    sim = Simulation(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress, log=_log)
+    result = sim.run()
+    print(result.summary)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flexlora.engines.config import ConfigError
+    from flexlora.engines.simulation import Simulation
+
+    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
+    if bad:
+        raise ConfigError(f"flexlora eval only accepts eval.* overrides, got {bad}")
+    cfg = _resume_config(args.run_dir, args.overrides)
+    sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log)
+    if args.base:
+        sim.state = None
+    res = sim.evaluate()
+    text = json.dumps(res, indent=2, sort_keys=True)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flexlora.engines.simulation import Simulation
+    from flexlora.training.export import save_merged_model, save_peft_adapter
+
+    cfg = _resume_config(args.run_dir, [])
+    sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log)
+    factors = sim.global_factors(args.rank)
+    out = args.output or (args.run_dir / "adapter")
+    save_peft_adapter(sim.model, factors, cfg.lora.alpha, out, base_model_name_or_path=cfg.model)
+    _log(f"adapter written to {out}")
+    if args.merged:
+        save_merged_model(sim.model, sim.tokenizer, factors, cfg.lora.alpha, args.merged)
+        _log(f"merged model written to {args.merged}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from flexlora.engines.config import RunConfig, describe, to_toml
+
+    print(to_toml(RunConfig()) if args.toml else describe())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    from flexlora.core.types import AggregationError
+    from flexlora.data.errors import DataError
+    from flexlora.engines.checkpoint import CheckpointError
+    from flexlora.engines.config import ConfigError
+
+    handlers = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "config": cmd_config}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, CheckpointError, AggregationError, FileNotFoundError) as exc:
+        _log(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _log("interrupted; continue with --resume RUN_DIR")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Exporting a global adapter: as a standard PEFT adapter directory, or merged into the weights.
+
+Both exports are written into a temporary directory next to the target and renamed into place
+only when complete, so a crash never leaves a half-written export where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flexlora.core.types import Factors
+from flexlora.training.adapter import client_adapter
+
+__all__ = ["atomic_directory_write", "save_merged_model", "save_peft_adapter"]
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    # Same parent, so the final rename stays within one filesystem and is atomic.
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a temporary directory next to {target}")
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def atomic_directory_write(out_dir: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir)`` and move the finished directory to ``out_dir``.
+
+    An existing ``out_dir`` is replaced only after ``write`` succeeded: it is renamed aside, the
+    new directory renamed into place, and the old one deleted (POSIX cannot atomically swap two
+    non-empty directories, so there is a moment without ``out_dir``, but never a partial one). If
+    the second rename fails, the old directory is put back. On failure the temporary directory is
+    removed and the exception propagates.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    target = Path(out_dir).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    tmp = _sibling(target, "tmp")
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if target.exists():
+            aside = _sibling(target, "old")
+            os.replace(target, aside / "previous")
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.replace(aside / "previous", target)
+                shutil.rmtree(aside, ignore_errors=True)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _ranks_of(factors: Mapping[str, Factors]) -> dict[str, int]:
+    if not factors:
+        raise ValueError("factors is empty: nothing to export")
+    return {m: int(a.shape[0]) for m, (a, _) in factors.items()}
+
+
+def save_peft_adapter(
+    base_model: nn.Module,
+    factors: Mapping[str, Factors],
+    alpha: float,
+    out_dir: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str,
+) -> Path:
+    """Write ``factors`` as a standard PEFT LoRA adapter directory.
+
+    The directory holds ``adapter_config.json`` (per-module ranks in ``rank_pattern``, with keys
+    anchored to exact module names; ``lora_alpha = alpha``) and ``adapter_model.safetensors``,
+    written by peft's own ``save_pretrained``. Stock
+    ``peft.PeftModel.from_pretrained(base, out_dir)`` on the same base model reproduces the
+    effective update ``(alpha / r) B A`` of every module.
+
+    Parameters
+    ----------
+    base_model : nn.Module
+        The base model (left unchanged; the adapter is attached and detached again).
+    factors : mapping of module -> (A, B)
+        ``A: (r, in)``, ``B: (out, r)``; ranks may differ per module.
+    alpha : float
+        LoRA alpha the factors were trained with.
+    out_dir : path
+        Target directory; replaced atomically if it exists.
+    base_model_name_or_path : str
+        Recorded in the config so the base can be found again (a model spec such as
+        ``builtin:tiny-llama``, a directory or a hub id).
+
+    Returns
+    -------
+    Path
+        The directory written.
+    """
+    ranks = _ranks_of(factors)
+
+    def write(tmp: Path) -> None:
+        with client_adapter(base_model, ranks, alpha, factors) as model:
+            config = model.peft_config[model.active_adapter]
+            config.base_model_name_or_path = base_model_name_or_path
+            # Loaders then get a frozen adapter by default, as for any exported adapter.
+            config.inference_mode = True
+            # "auto" would look up the base on the Hugging Face Hub to decide about embeddings;
+            # we never adapt embeddings, so say so and stay offline.
+            model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        _check_saved_ranks(tmp, ranks)
+
+    return atomic_directory_write(out_dir, write)
+
+
+def _check_saved_ranks(directory: Path, ranks: Mapping[str, int]) -> None:
+    from flexlora.training.adapter import rank_pattern_key
+
+    cfg = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    saved = cfg.get("rank_pattern") or {}
+    wrong = [m for m, r in ranks.items() if saved.get(rank_pattern_key(m)) != r]
+    if wrong:
+        raise RuntimeError(f"peft did not record the ranks of {wrong[:5]} in adapter_config.json")
+
+
+@torch.no_grad()
+def merged_state_dict(base_model: nn.Module, factors: Mapping[str, Factors], alpha: float) -> dict[str, torch.Tensor]:
+    """The base model's state dict with ``W + (alpha / r) B A`` in every adapted weight.
+
+    Adapted weights are new tensors (the product is formed in fp32, then cast to the weight's
+    dtype); all others are the base's own tensors, so the base is never modified and only the
+    adapted weights are copied.
+    """
+    state = dict(base_model.state_dict())
+    for name, (a, b) in factors.items():
+        key = f"{name}.weight"
+        if key not in state:
+            raise ValueError(f"module {name!r}: the base model has no weight {key!r}")
+        w = state[key]
+        r = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ValueError(
+                f"module {name!r}: factors A{tuple(a.shape)}, B{tuple(b.shape)} do not fit its weight "
+                f"{tuple(w.shape)} (need A: (r, in), B: (out, r))"
+            )
+        delta = (float(alpha) / r) * (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32))
+        state[key] = (w.to(torch.float32) + delta).to(w.dtype)
+    return state
+
+
+def save_merged_model(
+    base_model: nn.Module,
+    tokenizer,
+    factors: Mapping[str, Factors],
+    alpha: float,
+    out_dir: str | os.PathLike[str],
+) -> Path:
+    """Save base + ``(alpha / r) B A`` merged into the weights, as a plain Hugging Face model.
+
+    The shared base model is not modified: the merged weights go into a separate state dict
+    (:func:`merged_state_dict`) passed to ``save_pretrained``. The tokenizer is saved alongside
+    (when given), so the directory loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+
+    Returns
+    -------
+    Path
+        The directory written.
+    """
+    _ranks_of(factors)
+    state = merged_state_dict(base_model, factors, alpha)
+
+    def write(tmp: Path) -> None:
+        base_model.save_pretrained(str(tmp), state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return atomic_directory_write(out_dir, write)
