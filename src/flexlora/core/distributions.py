@@ -9,6 +9,7 @@ it from the client's budget for the model at hand.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -209,7 +210,7 @@ def types_from_ranks(ranks: Sequence[int | tuple[int, int]], *, alpha: float = 1
     """Explicit per-client ranks: an int (both groups) or ``(attention_rank, mlp_rank)`` per client."""
     out = []
     for i, r in enumerate(ranks):
-        att, mlp = (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+        att, mlp = (int(r), int(r)) if isinstance(r, numbers.Integral) else (int(r[0]), int(r[1]))
         out.append(ClientType(f"r{att}-{mlp}", att, mlp, alpha))
     return out
 

@@ -7,6 +7,7 @@ A LoRA module holds two factors: ``A`` with shape ``(r, in_features)`` and ``B``
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -80,11 +81,11 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
         if not isinstance(u, ClientUpdate):
             raise AggregationError(f"{who}: expected a flexlora.ClientUpdate, got {type(u).__name__}")
         n = u.num_examples
-        if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(n) or n <= 0 or n != int(n):
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n <= 0 or n != int(n):
             raise AggregationError(
                 f"{who}: num_examples must be a positive integer (it sets the client's weight), got {n!r}"
             )
-        if not isinstance(u.alpha, int | float) or not math.isfinite(u.alpha) or u.alpha <= 0:
+        if isinstance(u.alpha, bool) or not isinstance(u.alpha, numbers.Real) or not math.isfinite(u.alpha) or u.alpha <= 0:
             raise AggregationError(f"{who}: alpha must be a positive finite number, got {u.alpha!r}")
         if len(u.factors) == 0:
             raise AggregationError(f"{who}: the update holds no modules")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -103,7 +105,8 @@ class GlobalState:
                 shape = (int(entry["shape"][0]), int(entry["shape"][1]))
                 if "U" in t:
                     svd = LowRankSVD(t["U"], t["S"], t["V"], entry.get("method", "qr"))
-                    if svd.U.shape[0] != shape[0] or svd.V.shape[0] != shape[1]:
+                    k = svd.S.shape[0] if svd.S.ndim == 1 else -1
+                    if svd.U.shape != (shape[0], k) or svd.V.shape != (shape[1], k):
                         raise ValueError(f"module {name!r}: SVD factors do not match shape {shape}")
                     modules[name] = ModuleState(shape=shape, svd=svd)
                 else:
@@ -152,7 +155,8 @@ class Aggregator(ABC):
 
         The effective update ``(alpha / r) B @ A`` of each module is the best rank-``r``
         approximation of the global update. Truncations are cached per distinct
-        ``(module, rank, alpha)``, so sending the same rank to many clients costs one truncation.
+        ``(module, rank, alpha)``, so sending the same rank to many clients costs one truncation;
+        each call returns fresh copies.
         """
         _check_alpha(alpha)
         ranks = check_rank_request(rank, state.shapes)
@@ -164,7 +168,10 @@ class Aggregator(ABC):
                 state._cache[key] = truncate_to_factors(
                     svd, r, alpha, split=self.split, pad_seed=stable_seed(self.seed, m, r)  # type: ignore[arg-type]
                 )
-            out[m] = state._cache[key]
+            a, b = state._cache[key]
+            # Clones: a caller that trains the factors in place must not alter the cache
+            # that the next client of the same rank receives.
+            out[m] = (a.clone(), b.clone())
         return out
 
     def _module_svd(self, state: GlobalState, module: str) -> LowRankSVD:
@@ -180,8 +187,8 @@ class Aggregator(ABC):
 
 
 def _check_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        raise AggregationError(f"alpha must be a positive number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0 < alpha < math.inf):
+        raise AggregationError(f"alpha must be a positive finite number, got {alpha!r}")
 
 
 def scaled_stack(
