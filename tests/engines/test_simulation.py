@@ -52,6 +52,7 @@ def test_run_writes_every_output(tmp_path: Path) -> None:
     assert records[1]["bytes_down"] == 0 and records[2]["bytes_down"] > 0  # round 1 starts from scratch
     assert 0.0 <= records[0]["rougeL"] <= 1.0
     assert set(records[2]["rougeL_per_task"]) <= set(sim.data.unseen)
+    assert set(records[2]["rougeL_by_type"]) == {t.name for t in sim.types}
     for rel in ("config.toml", "partition.json", "checkpoints/latest.pt", "adapter/adapter_config.json",
                 "adapter/adapter_model.safetensors", "summary.txt", "plots/train_loss.png", "plots/rougeL.png"):
         assert (d / rel).is_file(), rel

@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+
+from flexlora._atomic import atomic_open, atomic_write_text
+
+__all__ = ["CheckpointError", "atomic_open", "atomic_write_text", "config_fingerprint", "load_checkpoint",
+           "save_checkpoint"]
 
 FORMAT_VERSION = 1
 LATEST = "latest.pt"
@@ -34,31 +36,6 @@ def config_fingerprint(config: dict[str, Any], *, ignore: tuple[str, ...] = ("ro
     """
     clean = {k: v for k, v in config.items() if k not in ignore}
     return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@contextmanager
-def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file beside ``path`` for writing; on success it is flushed to disk and
-    renamed over ``path``; on any error it is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_open(path) as f:
-        f.write(text.encode("utf-8"))
 
 
 def save_checkpoint(ckpt_dir: Path, payload: dict[str, Any]) -> Path:

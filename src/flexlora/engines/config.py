@@ -27,7 +27,7 @@ class TrainSection:
     """Local training of each sampled client."""
 
     optimizer: str = _f("adamw", "Local optimizer: 'adamw' (FedIT) or 'sgd' (FedAvg).", choices=("adamw", "sgd"))
-    lr: float = _f(3e-4, "Peak learning rate of local training.")
+    lr: float = _f(1e-3, "Peak learning rate of local training.")
     weight_decay: float = _f(0.0, "Weight decay of the local optimizer.")
     momentum: float = _f(0.0, "SGD momentum (sgd only).")
     micro_batch_size: int = _f(4, "Examples per forward/backward pass.")
@@ -74,8 +74,10 @@ class DataSection:
 class EvalSection:
     """Evaluation of the global model on unseen tasks."""
 
-    every: int = _f(1, "Evaluate every k rounds (the last round is always evaluated); 0 = only at the end.")
+    every: int = _f(2, "Evaluate every k rounds (the last round is always evaluated); 0 = only at the end.")
     baseline: bool = _f(True, "Evaluate the base model (round 0) before training.")
+    per_type: bool = _f(True, "After the last round, also evaluate the global model at each client type's ranks "
+                        "(what each type receives).")
     max_tasks: int = _f(0, "Cap on unseen tasks evaluated (0 = all).")
     max_examples_per_task: int = _f(8, "Cap on examples per unseen task (0 = all).")
     max_new_tokens: int = _f(24, "Tokens generated per answer (greedy).")
@@ -103,10 +105,10 @@ class RunConfig:
     rank_distribution: str = _f("uniform", "Client resource distribution: homo, uniform, heavy-tail-light, "
                                 "heavy-tail-strong, normal.")
     num_clients: int = _f(0, "Number of clients (0 = one per task of the data).")
-    clients_per_round: float = _f(0.25, "Clients sampled per round: below 1 a fraction of all clients "
+    clients_per_round: float = _f(0.2, "Clients sampled per round: below 1 a fraction of all clients "
                                   "(at least one), from 1 up a count (capped at num_clients).")
-    rounds: int = _f(3, "Federated rounds.")
-    local_steps: int = _f(10, "Optimizer steps per client per round (0 = use train.epochs).")
+    rounds: int = _f(4, "Federated rounds.")
+    local_steps: int = _f(8, "Optimizer steps per client per round (0 = use train.epochs).")
     seed: int = _f(0, "Seed of everything: partition, rank assignment, sampling, training.")
     device: str = _f("auto", "Torch device: auto, cpu, cuda, cuda:1, mps.")
     dtype: str = _f("float32", "Base model dtype: float32, bfloat16 or float16.",

@@ -45,6 +45,8 @@ class TensorBoardLog:
             v = record.get(key)
             if isinstance(v, int | float):
                 self._writer.add_scalar(key, v, step)
+        for name, v in (record.get("rougeL_by_type") or {}).items():
+            self._writer.add_scalar(f"rougeL_by_type/{name}", v, step)
         for group, vals in (record.get("groups") or {}).items():
             for k, v in vals.items():
                 if isinstance(v, int | float):
@@ -98,6 +100,9 @@ def summary_table(records: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
         table.add_row(f"Rouge-L unseen, round {first['round']}", f"{first['rougeL']:.4f}")
         table.add_row(f"Rouge-L unseen, round {last['round']}", f"{last['rougeL']:.4f}")
         table.add_row("change", f"{last['rougeL'] - first['rougeL']:+.4f}")
+    if first is not None:
+        for name, score in sorted(((records[-1].get("rougeL_by_type") or {}).items())):
+            table.add_row(f"Rouge-L unseen, {name} (at its ranks)", f"{first['rougeL']:.4f} -> {score:.4f}")
     if last is not None and isinstance(last.get("eval_loss"), int | float):
         table.add_row("eval loss (last)", f"{last['eval_loss']:.4f}")
     groups: dict[str, list[float]] = {}

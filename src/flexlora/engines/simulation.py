@@ -382,31 +382,46 @@ class Simulation:
         ranks = self.export_ranks if rank is None else {m: min(rank, *s) for m, s in self.shapes.items()}
         return self.aggregator.distribute(self.state, ranks, self.cfg.lora.alpha)
 
-    def evaluate(self) -> dict[str, Any]:
-        """Rouge-L of greedy answers and the eval loss on the unseen tasks, for the current global model
-        (the base model before the first round)."""
+    def evaluate(self, factors: dict[str, Factors] | None = None, *, with_loss: bool = True) -> dict[str, Any]:
+        """Rouge-L of greedy answers (and the eval loss) on the unseen tasks.
+
+        ``factors`` defaults to the current global adapter at the export rank; before the first
+        round (no global state) the base model is evaluated.
+        """
         if not self.eval_items:
             return {}
         t0 = time.perf_counter()
         cfg = self.cfg.eval
-        if self.state is None:
+        if factors is None and self.state is not None:
+            factors = self.global_factors()
+        if factors is None:
             ctx: contextlib.AbstractContextManager = contextlib.nullcontext(self.model)
         else:
-            factors = self.global_factors()
             ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
             ctx = client_adapter(self.model, ranks, self.cfg.lora.alpha, factors)
         with ctx as model:
             model.eval()
             gen = evaluate_generation(model, self.tokenizer, self.eval_items, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=cfg.batch_size)
-            loss = eval_loss(model, self.eval_features, batch_size=cfg.loss_batch_size)
-        return {
-            "rougeL": gen.overall,
-            "rougeL_per_task": gen.per_task,
-            "eval_loss": loss,
-            "eval_examples": len(self.eval_items),
-            "eval_seconds": time.perf_counter() - t0,
-        }
+            loss = eval_loss(model, self.eval_features, batch_size=cfg.loss_batch_size) if with_loss else None
+        out: dict[str, Any] = {"rougeL": gen.overall, "rougeL_per_task": gen.per_task}
+        if with_loss:
+            out["eval_loss"] = loss
+        out["eval_examples"] = len(self.eval_items)
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+    def evaluate_per_type(self) -> dict[str, float]:
+        """Rouge-L of the global model as each client type receives it (distributed to its ranks)."""
+        assert self.state is not None
+        out = {}
+        for t, ranks in zip(self.types, self._type_ranks):
+            if self.is_flora:
+                # FLoRA clients do not receive a truncated adapter; they train on the full global.
+                continue
+            factors = self.aggregator.distribute(self.state, ranks, t.alpha)
+            out[t.name] = self.evaluate(factors, with_loss=False)["rougeL"]
+        return out
 
     def _eval_due(self, rnd: int) -> bool:
         every = self.cfg.eval.every
@@ -435,6 +450,8 @@ class Simulation:
                     rec = self.run_round(rnd, bar)
                 if self._eval_due(rnd):
                     rec.update(self.evaluate())
+                if rnd == cfg.rounds and cfg.eval.per_type and self.eval_items:
+                    rec["rougeL_by_type"] = self.evaluate_per_type()
                 self.records.append(rec)
                 save_checkpoint(self.run_dir / "checkpoints", self._checkpoint_payload(rnd))
                 write_metrics(self.run_dir / "metrics.jsonl", self.records)
