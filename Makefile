@@ -24,6 +24,7 @@ install: $(VENV)/.base
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.base
+	rm -rf runs/demo
 	$(VENV)/bin/flexlora run --output runs/demo
 
 test: $(VENV)/.dev

@@ -209,7 +209,7 @@ def type_counts(assignment: Sequence[ClientType]) -> dict[str, int]:
 def types_from_ranks(ranks: Sequence[int | tuple[int, int]], *, alpha: float = 16.0) -> list[ClientType]:
     """Explicit per-client ranks: an int (both groups) or ``(attention_rank, mlp_rank)`` per client."""
     out = []
-    for i, r in enumerate(ranks):
+    for r in ranks:
         att, mlp = (int(r), int(r)) if isinstance(r, numbers.Integral) else (int(r[0]), int(r[1]))
         out.append(ClientType(f"r{att}-{mlp}", att, mlp, alpha))
     return out

@@ -71,7 +71,7 @@ def test_float64_inputs_are_exact_to_float64_precision(helpers, data):
     state = agg.aggregate(updates)
     ranks = {m: data.draw(st.integers(1, min(s)), label=f"r_{m}") for m, s in shapes.items()}
     factors = agg.distribute(state, ranks, 4.0)
-    for m, (A, B) in factors.items():
+    for _m, (A, B) in factors.items():
         assert A.dtype == torch.float64 and B.dtype == torch.float64
     _assert_matches_reference(helpers, updates, state, factors, ranks, 4.0, rtol=1e-10)
 

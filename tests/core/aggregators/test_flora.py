@@ -66,7 +66,7 @@ def test_compression_when_stack_exceeds_min_dim_stays_exact(helpers, gen):
     shapes = {"m": (12, 10)}
     agg = FLoRA()
     state, total = None, torch.zeros(12, 10, dtype=torch.float64)
-    for rnd in range(4):
+    for _rnd in range(4):
         ups = [helpers.make_update(gen, shapes, r, num_examples=n, alpha=a)
                for r, n, a in ((4, 3, 16.0), (3, 7, 8.0), (2, 1, 16.0))]
         total += helpers.reference_dense(ups, "m")
