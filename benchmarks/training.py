@@ -8,9 +8,9 @@ engine's memory for 10, 100 and 1,000 clients.
    (a, b, a, b, ...) so drift in machine load hits both; the ratio of the medians is reported.
 2. Memory. For each client count, a subprocess builds the in-process engine on
    ``builtin:tiny-llama`` with an IID partition of the demo tasks into that many clients and
-   runs two rounds of 4 clients; its peak resident memory is reported. Per-client state is an
-   index into the distinct client types plus the partition's example ids, so the peak should
-   not grow with the client count.
+   runs two rounds of 4 clients; its resident memory growth over the imports is reported after
+   setup and after the rounds. Per-client state is an index into the distinct client types plus
+   the partition's example ids, so it should not grow with the client count.
 
 Usage::
 
@@ -127,11 +127,20 @@ def memory_worker(n: int, out_dir: str) -> None:
         "data_options.partition=iid", "train.micro_batch_size=1", "eval.every=0", "eval.baseline=false",
         "eval.max_tasks=1", "eval.max_examples_per_task=1", "eval.max_new_tokens=2",
     ])
-    after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Current resident set (not ru_maxrss: importing torch/transformers peaks above everything
+    # the run itself allocates, which would hide any growth).
+    after_import = _rss_mib()
     sim = Simulation(cfg, Path(out_dir), progress=False, log=lambda m: None)
+    after_setup = _rss_mib()
     sim.run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    json.dump({"clients": n, "peak_mib": peak, "peak_over_imports_mib": peak - after_import}, sys.stdout)
+    after_run = _rss_mib()
+    json.dump({"clients": n, "rss_after_import_mib": after_import, "setup_mib": after_setup - after_import,
+               "run_mib": after_run - after_import}, sys.stdout)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def memory(counts) -> list[dict]:
@@ -173,9 +182,10 @@ def main() -> None:
     if args.clients:
         rows = memory(args.clients)
         result["memory"] = rows
-        print("engine peak memory (builtin:tiny-llama, 2 rounds x 4 clients):")
+        print("engine memory (builtin:tiny-llama, 2 rounds x 4 clients):")
         for r in rows:
-            print(f"  {r['clients']:>5} clients: peak {r['peak_mib']:.0f} MiB ({r['peak_over_imports_mib']:.0f} MiB over imports)")
+            print(f"  {r['clients']:>5} clients: +{r['setup_mib']:.1f} MiB after setup, +{r['run_mib']:.1f} MiB after "
+                  f"2 rounds (resident memory over the {r['rss_after_import_mib']:.0f} MiB of the imports)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

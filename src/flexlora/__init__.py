@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flexlora.core.types import AggregationError, ClientUpdate
-from flexlora.core.aggregators import available_aggregators, get_aggregator
-from flexlora.core.aggregators import dense_update
+from flexlora.core.aggregators import available_aggregators, dense_update, get_aggregator
 from flexlora.core.distributions import (
-    ClientType,
     PAPER_CLIENT_TYPES,
+    ClientType,
     available_distributions,
     sample_client_types,
     types_from_budget,
 )
+from flexlora.core.types import AggregationError, ClientUpdate
 
 __version__ = "0.1.0"
 

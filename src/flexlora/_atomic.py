@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,3 +42,21 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_open(path) as f:
         f.write(text.encode("utf-8"))
+
+
+def make_sibling_dir(target: str | os.PathLike[str], kind: str) -> Path:
+    """Create a fresh, uniquely named directory next to ``target`` and return it.
+
+    Same parent, so a final rename onto ``target`` stays within one file system and is atomic.
+    Not ``tempfile.mkdtemp``: its 0o700 mode would survive the rename and make a directory shared
+    between users unreadable; ``os.mkdir`` honours the umask instead.
+    """
+    target = Path(target)
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a temporary directory next to {target}")

@@ -191,3 +191,18 @@ def test_cli_bad_config_exits_2(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "unknown config key 'roundz'" in res.stderr
     assert not (tmp_path / "z").exists()
+
+
+def test_distributed_factors_load_into_a_client_and_back(tmp_path: Path) -> None:
+    """distribute -> the client's PEFT adapter -> get_factors round-trips exactly."""
+    from flexlora.training.adapter import client_adapter, get_factors
+
+    sim = _run(tmp_path, "d", "rounds=1", "eval.every=0", "eval.baseline=false", "eval.per_type=false")
+    for k in range(sim.num_clients):
+        spec = sim.client_spec(k)
+        sent = sim.aggregator.distribute(sim.state, spec.ranks, spec.alpha)
+        with client_adapter(sim.model, spec.ranks, spec.alpha, sent) as m:
+            back = get_factors(m)
+        assert back.keys() == sent.keys()
+        for name in sent:
+            assert torch.equal(back[name][0], sent[name][0]) and torch.equal(back[name][1], sent[name][1])

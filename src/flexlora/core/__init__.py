@@ -4,8 +4,8 @@ products, and client resource distributions. Imports torch and numpy only."""
 from flexlora.core.aggregators import (
     Aggregator,
     FedAvg,
-    FLoRA,
     FlexLoRA,
+    FLoRA,
     GlobalState,
     HetLoRA,
     ModuleState,

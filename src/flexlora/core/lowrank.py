@@ -151,8 +151,10 @@ def _apply_q(h: torch.Tensor, tau: torch.Tensor, x: torch.Tensor) -> torch.Tenso
 def _svd_qr(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD:
     # Requires R <= min(out, in), which the "auto" crossover guarantees.
     R = B.shape[1]
+    # LAPACK works on column-major matrices: A.T of a row-major Ac is already column-major, and
+    # scaled_stack builds Bc column-major, so neither factorisation copies its input first.
     hb, tau_b = torch.geqrf(B)  # Bc = Qb Rb
-    ha, tau_a = torch.geqrf(A.T.contiguous())  # Ac^T = Qa Ra
+    ha, tau_a = torch.geqrf(A.T)  # Ac^T = Qa Ra
     rb = torch.triu(hb[:R])
     ra = torch.triu(ha[:R])
     small = _core_dtype(B, R)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
 import resource
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -442,11 +443,13 @@ class Simulation:
                 self.records.append(rec)
                 tb.log(rec)
                 write_metrics(self.run_dir / "metrics.jsonl", self.records)
-            steps_per_client = self.train_cfg.local_steps or None
+            rounds_bar = tqdm(total=cfg.rounds, initial=self.start_round - 1, desc="rounds", unit="round",
+                              disable=not self.progress, position=0)
             for rnd in range(self.start_round, cfg.rounds + 1):
-                n_sampled = len(sample_round_clients(self.num_clients, cfg.clients_per_round, cfg.seed, rnd))
-                with tqdm(total=(steps_per_client or 0) * n_sampled or None, desc=f"round {rnd}/{cfg.rounds}",
-                          unit="step", disable=not self.progress, leave=False) as bar:
+                sampled = sample_round_clients(self.num_clients, cfg.clients_per_round, cfg.seed, rnd)
+                steps = sum(self.train_cfg.num_steps(len(self.partition.clients[k])) for k in sampled)
+                with tqdm(total=steps, desc=f"round {rnd}/{cfg.rounds}", unit="step", disable=not self.progress,
+                          leave=False, position=1) as bar:
                     rec = self.run_round(rnd, bar)
                 if self._eval_due(rnd):
                     rec.update(self.evaluate())
@@ -459,7 +462,13 @@ class Simulation:
                 msg = f"round {rnd}/{cfg.rounds}: train loss {rec['train_loss']:.4f}"
                 if "rougeL" in rec:
                     msg += f", Rouge-L {rec['rougeL']:.4f}, eval loss {rec['eval_loss']:.4f}"
-                self.log(msg + f" ({rec['seconds']:.1f}s)")
+                rounds_bar.update(1)
+                msg += f" ({rec['seconds']:.1f}s)"
+                if self.progress:  # print above the bars instead of through them
+                    tqdm.write(msg, file=sys.stderr)
+                else:
+                    self.log(msg)
+            rounds_bar.close()
         finally:
             tb.close()
         return self.finish(time.perf_counter() - t_start)

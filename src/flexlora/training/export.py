@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,22 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flexlora._atomic import make_sibling_dir
 from flexlora.core.types import Factors
 from flexlora.training.adapter import client_adapter
 
 __all__ = ["atomic_directory_write", "save_merged_model", "save_peft_adapter"]
-
-
-def _sibling(target: Path, kind: str) -> Path:
-    # Same parent, so the final rename stays within one filesystem and is atomic.
-    for _ in range(100):
-        path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"could not create a temporary directory next to {target}")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -59,12 +47,12 @@ def atomic_directory_write(out_dir: str | os.PathLike[str], write: Callable[[Pat
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
-    tmp = _sibling(target, "tmp")
+    tmp = make_sibling_dir(target, "tmp")
     try:
         write(tmp)
         _fsync_tree(tmp)
         if target.exists():
-            aside = _sibling(target, "old")
+            aside = make_sibling_dir(target, "old")
             os.replace(target, aside / "previous")
             try:
                 os.rename(tmp, target)

@@ -29,7 +29,6 @@ import importlib.metadata
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from flexlora._atomic import make_sibling_dir
 
 __all__ = [
     "BUILTIN_PREFIX",
@@ -326,19 +327,6 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _make_sibling_dir(target: Path, kind: str) -> Path:
-    # Not tempfile.mkdtemp: its 0o700 mode would survive the rename and make a cache
-    # shared between users unreadable; os.mkdir honours the umask instead.
-    for _ in range(100):
-        path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}"
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"could not create a temporary directory next to {target}")
-
-
 def atomic_cached_dir(
     target: str | Path,
     build: Callable[[Path], None],
@@ -384,7 +372,7 @@ def atomic_cached_dir(
                 _remove_tree(stale)
             for stale in target.parent.glob(f".{target.name}.old-*"):
                 _remove_tree(stale)
-        tmp = _make_sibling_dir(target, "tmp")
+        tmp = make_sibling_dir(target, "tmp")
         try:
             build(tmp)
             _fsync_tree(tmp)
@@ -392,7 +380,7 @@ def atomic_cached_dir(
             if target.exists() or target.is_symlink():
                 # An untrusted directory cannot be replaced by rename on POSIX (it is
                 # not empty), so move it out of the way first.
-                aside = _make_sibling_dir(target, "old")
+                aside = make_sibling_dir(target, "old")
                 os.replace(target, aside / "entry")
                 _remove_tree(aside)
             try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from flexlora.core.lowrank import LowRankSVD, svd_of_product, truncate_to_factors, stable_seed
+from flexlora.core.lowrank import LowRankSVD, stable_seed, svd_of_product, truncate_to_factors
 from flexlora.core.types import AggregationError, ClientUpdate, Factors, check_rank_request
 
 
@@ -206,9 +206,11 @@ def scaled_stack(
     for w, u in zip(weights.tolist(), updates):
         a, b = u.factors[module]
         coef = w * float(u.alpha) / a.shape[0]
-        bs.append(b.to(device=device, dtype=dtype) * coef)
+        bs.append(b.to(device=device, dtype=dtype).T * coef)
         as_.append(a.to(device=device, dtype=dtype))
-    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+    # Bc is returned column-major (the transpose of a row-major R x out stack), the layout LAPACK's
+    # QR wants; it is the same matrix either way.
+    return torch.cat(bs, dim=0).T, torch.cat(as_, dim=0)
 
 
 def dense_update(state: GlobalState, module: str) -> torch.Tensor:

@@ -17,7 +17,14 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha
-from flexlora.core.types import AggregationError, ClientUpdate, Factors, check_rank_request, client_weights, validate_round
+from flexlora.core.types import (
+    AggregationError,
+    ClientUpdate,
+    Factors,
+    check_rank_request,
+    client_weights,
+    validate_round,
+)
 
 
 class FedAvg(Aggregator):

@@ -23,7 +23,14 @@ import torch
 
 from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha
 from flexlora.core.lowrank import frobenius_of_product, orthonormal_padding, stable_seed
-from flexlora.core.types import AggregationError, ClientUpdate, Factors, check_rank_request, client_weights, validate_round
+from flexlora.core.types import (
+    AggregationError,
+    ClientUpdate,
+    Factors,
+    check_rank_request,
+    client_weights,
+    validate_round,
+)
 
 _WEIGHTINGS = ("norm", "norm_size", "size")
 

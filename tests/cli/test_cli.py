@@ -1,0 +1,81 @@
+"""The `flexlora` command line: eval, export, config, and error exits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexlora.cli.main import main
+
+TINY = [
+    "model=builtin:tiny-llama", "num_clients=3", "clients_per_round=2", "local_steps=2", "rounds=1",
+    "data_options.max_per_task=4", "train.micro_batch_size=2", "train.cutoff_len=96", "eval.max_tasks=2",
+    "eval.max_examples_per_task=2", "eval.max_new_tokens=3", "eval.per_type=false",
+    "lora.types=[[2, 4], [4, 8]]",
+]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [x for s in items for x in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["run", *_sets(TINY), "--output", str(d), "--no-progress"]) == 0
+    return d
+
+
+def test_eval_reproduces_the_runs_final_score(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run_dir), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert res["rougeL"] == pytest.approx(last["rougeL"])
+    assert res["eval_loss"] == pytest.approx(last["eval_loss"])
+
+
+def test_eval_rejects_non_eval_overrides(run_dir: Path, capsys) -> None:
+    assert main(["eval", str(run_dir), "--set", "rounds=3"]) == 2
+    assert "eval.*" in capsys.readouterr().err
+
+
+def test_export_at_another_rank_and_merged(run_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from flexlora.training.models import load_base_model
+
+    out, merged = tmp_path / "a2", tmp_path / "merged"
+    assert main(["export", str(run_dir), "--rank", "2", "--output", str(out), "--merged", str(merged)]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 or set(cfg.get("rank_pattern", {}).values()) == {2}
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert all(2 in t.shape for k, t in weights.items() if "lora_A" in k or "lora_B" in k)
+    # The merged model equals base + the rank-2 adapter.
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    base, _ = load_base_model("builtin:tiny-llama")
+    want = PeftModel.from_pretrained(base, str(out))(input_ids=ids).logits
+    got = AutoModelForCausalLM.from_pretrained(str(merged))(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_config_prints_every_key(capsys) -> None:
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    assert "clients_per_round = 0.2" in text and "train.lr = " in text
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys) -> None:
+    assert main(["run", str(tmp_path / "nope.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_of_a_directory_without_a_run(tmp_path: Path, capsys) -> None:
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "config.toml" in capsys.readouterr().err
