@@ -79,3 +79,12 @@ def test_missing_config_file_exits_2(tmp_path: Path, capsys) -> None:
 def test_resume_of_a_directory_without_a_run(tmp_path: Path, capsys) -> None:
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "config.toml" in capsys.readouterr().err
+
+
+def test_missing_data_path_exits_2_without_creating_the_run_dir(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "never"
+    code = main(["run", "--set", "model=builtin:tiny-llama", "--set", f"data={tmp_path / 'missing.jsonl'}",
+                 "--output", str(out), "--no-progress"])
+    assert code == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not out.exists()

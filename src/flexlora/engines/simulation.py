@@ -50,7 +50,7 @@ from flexlora.training.export import save_merged_model, save_peft_adapter
 from flexlora.training.local import LocalTrainConfig
 from flexlora.training.models import load_base_model, model_lora_targets, module_shapes
 
-_TIME_KEYS = ("seconds", "eval_seconds", "wall_time")
+_TIME_KEYS = ("seconds", "eval_seconds")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,7 +134,6 @@ class Simulation:
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume and (self.run_dir / "checkpoints" / "latest.pt").exists():
             raise CheckpointError(
                 f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir}, "
@@ -254,6 +253,7 @@ class Simulation:
 
     # ----------------------------------------------------------------- resume
     def _checkpoint_payload(self, rnd: int) -> dict[str, Any]:
+        py_version, py_state, py_gauss = random.getstate()
         return {
             "round": rnd,
             "fingerprint": self.fingerprint,
@@ -263,8 +263,8 @@ class Simulation:
             "types": [[t.name, t.attention_rank, t.mlp_rank, float(t.alpha)] for t in self.types],
             "partition_hash": self.partition.manifest()["hash"],
             "records": self.records,
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                    "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]},
+            "rng": {"torch": torch.get_rng_state(), "python": list(py_state), "python_version": py_version,
+                    "python_gauss": py_gauss},
         }
 
     def _restore(self) -> None:
