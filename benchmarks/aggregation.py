@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -29,20 +28,11 @@ from pathlib import Path
 
 import torch
 
+from _memory import peak_mib, rss_mib
+
 RANKS = (8, 30, 200)
 ALPHA = 16.0
 SKETCH = 16
-
-
-def _rss_mib() -> float:
-    # Current resident set from /proc (Linux); ru_maxrss gives the peak.
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def make_round(out_f: int, in_f: int, scenario: str, seed: int):
@@ -98,8 +88,8 @@ def worker(args) -> None:
     # Warm up both methods the same way (thread pool, LAPACK workspaces) on a small round, so the
     # timed call measures the algorithm and not the first-call start-up of the process.
     fn(*make_round(512, 512, args.scenario, args.seed + 1))
-    base_rss = _rss_mib()
-    base_peak = _peak_mib()
+    base_rss = rss_mib()
+    base_peak = peak_mib()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -107,7 +97,7 @@ def worker(args) -> None:
         times.append(time.perf_counter() - t0)
     # Best of the repeats, as timeit does: on a shared machine noise only ever adds time.
     seconds = min(times)
-    peak = max(_peak_mib() - max(base_peak, base_rss), 0.0)
+    peak = max(peak_mib() - max(base_peak, base_rss), 0.0)
     g = torch.Generator().manual_seed(1234)
     P = torch.randn(args.out, SKETCH, generator=g, dtype=torch.float64)
     Q = torch.randn(args.inp, SKETCH, generator=g, dtype=torch.float64)

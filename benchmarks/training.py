@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _memory import rss_mib
 
 
 def _features(tokenizer, n: int, cutoff: int):
@@ -129,18 +130,13 @@ def memory_worker(n: int, out_dir: str) -> None:
     ])
     # Current resident set (not ru_maxrss: importing torch/transformers peaks above everything
     # the run itself allocates, which would hide any growth).
-    after_import = _rss_mib()
+    after_import = rss_mib()
     sim = Simulation(cfg, Path(out_dir), progress=False, log=lambda m: None)
-    after_setup = _rss_mib()
+    after_setup = rss_mib()
     sim.run()
-    after_run = _rss_mib()
+    after_run = rss_mib()
     json.dump({"clients": n, "rss_after_import_mib": after_import, "setup_mib": after_setup - after_import,
                "run_mib": after_run - after_import}, sys.stdout)
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def memory(counts) -> list[dict]:

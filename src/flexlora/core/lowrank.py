@@ -283,9 +283,21 @@ def truncate_to_factors(
         B = U * (root * scale)
     else:
         raise ValueError(f"unknown split {split!r}; use 'B', 'A' or 'sqrt'")
-    if rank > r:
-        extra = rank - r
-        pad = orthonormal_padding(svd.V[:, :r], extra, pad_seed).T
+    return pad_to_rank(A, B, rank, svd.V[:, :r], pad_seed)
+
+
+def pad_to_rank(
+    A: torch.Tensor, B: torch.Tensor, rank: int, basis: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grow factors ``(A: k x in, B: out x k)`` to ``rank`` without changing ``B @ A``.
+
+    The new rows of ``A`` are seeded orthonormal directions orthogonal to the columns of
+    ``basis`` (``in x j``), the new columns of ``B`` are zero (see :func:`orthonormal_padding`).
+    Factors already at ``rank`` are returned as they are, made contiguous.
+    """
+    extra = rank - A.shape[0]
+    if extra > 0:
+        pad = orthonormal_padding(basis, extra, seed).T
         A = torch.cat([A, pad], dim=0)
         B = torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1)
     return A.contiguous(), B.contiguous()

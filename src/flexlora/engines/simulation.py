@@ -310,10 +310,9 @@ class Simulation:
                 for m, w0 in saved.items():
                     modules[m].weight.copy_(w0)
 
-    def run_round(self, rnd: int, bar: Any = None) -> dict[str, Any]:
-        """Train the round's clients, aggregate, and return its metrics record."""
+    def run_round(self, rnd: int, sampled: list[int], bar: Any = None) -> dict[str, Any]:
+        """Train the round's ``sampled`` clients, aggregate, and return its metrics record."""
         t0 = time.perf_counter()
-        sampled = sample_round_clients(self.num_clients, self.cfg.clients_per_round, self.cfg.seed, rnd)
         updates = []
         bytes_up = bytes_down = 0
         group_losses: dict[str, list[float]] = {}
@@ -450,7 +449,7 @@ class Simulation:
                 steps = sum(self.train_cfg.num_steps(len(self.partition.clients[k])) for k in sampled)
                 with tqdm(total=steps, desc=f"round {rnd}/{cfg.rounds}", unit="step", disable=not self.progress,
                           leave=False, position=1) as bar:
-                    rec = self.run_round(rnd, bar)
+                    rec = self.run_round(rnd, sampled, bar)
                 if self._eval_due(rnd):
                     rec.update(self.evaluate())
                 if rnd == cfg.rounds and cfg.eval.per_type and self.eval_items:

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha
-from flexlora.core.lowrank import frobenius_of_product, orthonormal_padding, stable_seed
+from flexlora.core.lowrank import frobenius_of_product, pad_to_rank, stable_seed
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
@@ -106,12 +106,7 @@ class HetLoRA(Aggregator):
             keep = min(r, st.rank)
             A = st.A[:keep].clone()
             B = st.B[:, :keep] * (st.scale * r / float(alpha))
-            if r > keep:
-                extra = r - keep
-                pad = orthonormal_padding(st.A.new_zeros(st.shape[1], 0), extra, stable_seed(self.seed, m, r)).T
-                A = torch.cat([A, pad], dim=0)
-                B = torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1)
-            out[m] = (A.contiguous(), B.contiguous())
+            out[m] = pad_to_rank(A, B, r, st.A.new_zeros(st.shape[1], 0), stable_seed(self.seed, m, r))
         return out
 
 
