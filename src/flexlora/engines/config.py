@@ -94,6 +94,19 @@ class ExportSection:
 
 
 @dataclass
+class FlowerSection:
+    """Settings of the Flower engine only (not part of the run's identity: a run may resume with other values)."""
+
+    num_supernodes: int = _f(0, "flower-sim: virtual SuperNodes of the Ray simulation (0 = num_clients).")
+    round_timeout: float = _f(600.0, "Seconds the server waits for a round's replies; later ones are dropped.")
+    wire_dtype: str = _f("float32", "Dtype of the factors on the wire: float32 (exact) or float16 (half the bytes).",
+                         choices=("float32", "float16"))
+    wait_for_nodes: float = _f(120.0, "Seconds the server waits at start-up for every client's node to connect; "
+                               "it then starts with the nodes it has when at least min_clients are there.")
+    client_cpus: float = _f(1.0, "flower-sim: CPUs Ray reserves per virtual SuperNode.")
+
+
+@dataclass
 class RunConfig:
     """A federated fine-tuning run (the `flexlora run` configuration)."""
 
@@ -109,6 +122,9 @@ class RunConfig:
                                   "(at least one), from 1 up a count (capped at num_clients).")
     rounds: int = _f(4, "Federated rounds.")
     local_steps: int = _f(8, "Optimizer steps per client per round (0 = use train.epochs).")
+    min_clients: int = _f(1, "Fewest valid client updates a round needs. Missing, failed or rejected replies are "
+                          "dropped from their round; below this number the run stops with an error and its last "
+                          "checkpoint intact.")
     seed: int = _f(0, "Seed of everything: partition, rank assignment, sampling, training.")
     device: str = _f("auto", "Torch device: auto, cpu, cuda, cuda:1, mps.")
     dtype: str = _f("float32", "Base model dtype: float32, bfloat16 or float16.",
@@ -119,6 +135,7 @@ class RunConfig:
     data_options: DataSection = field(default_factory=DataSection, metadata={"help": "Data partition."})
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
     export: ExportSection = field(default_factory=ExportSection, metadata={"help": "Exports."})
+    flower: FlowerSection = field(default_factory=FlowerSection, metadata={"help": "Flower engine."})
 
     def __post_init__(self) -> None:
         validate(self)
@@ -147,6 +164,13 @@ def validate(cfg: RunConfig) -> None:
     cpr = cfg.clients_per_round
     if not (0 < cpr < 1 or (cpr >= 1 and float(cpr).is_integer())):
         _fail("clients_per_round", f"must be a fraction in (0, 1) or a whole count >= 1, got {cpr!r}")
+    if cfg.min_clients < 1:
+        _fail("min_clients", "must be >= 1")
+    fl = cfg.flower
+    if fl.num_supernodes < 0:
+        _fail("flower.num_supernodes", "must be >= 0 (0 = num_clients)")
+    if not fl.round_timeout > 0 or not fl.wait_for_nodes >= 0 or not fl.client_cpus > 0:
+        _fail("flower", "round_timeout and client_cpus must be > 0, wait_for_nodes >= 0")
     if cfg.rounds < 1:
         _fail("rounds", "must be >= 1")
     if cfg.local_steps < 0:

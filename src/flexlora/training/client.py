@@ -8,7 +8,8 @@ client's :class:`flexlora.ClientUpdate`. The base model is left exactly as it wa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,83 @@ def train_client(
         metadata={"type": spec.type_name, "train_loss": result.mean_loss, "steps": result.steps},
     )
     return update, result
+
+
+@dataclass
+class ClientTask:
+    """Everything a client needs from the server for one round (what one engine message carries).
+
+    Parameters
+    ----------
+    round : int
+    client : int
+        The client's index in the run (its data partition).
+    spec : ClientSpec
+        Its id, per-module ranks, alpha and type name.
+    init : mapping module -> (A, B) or None
+        The global adapter distributed to the client's ranks; None in round 1 (fresh LoRA).
+    seed : int
+        Seeds the client's adapter initialisation, batch order and dropout.
+    base_delta : mapping module -> (A, B) or None
+        FLoRA only: the exact global update as factors of rank ``R``, with effective update
+        ``(spec.alpha / R) B @ A``, merged into the base weights while the client trains a fresh LoRA.
+    hetlora : (strength, gamma) or None
+        HetLoRA's rank self-pruning regulariser.
+    """
+
+    round: int
+    client: int
+    spec: ClientSpec
+    init: Mapping[str, Factors] | None
+    seed: int
+    base_delta: Mapping[str, Factors] | None = None
+    hetlora: tuple[float, float] | None = None
+
+
+@contextlib.contextmanager
+def merged_into_base(base_model: torch.nn.Module, delta: Mapping[str, Factors] | None, alpha: float) -> Iterator[None]:
+    """Add ``(alpha / r) B @ A`` of every module in ``delta`` to the base weights for the duration
+    of the block, then copy the original weights back bit for bit (FLoRA's clients train on
+    ``W0 + global``)."""
+    if not delta:
+        yield
+        return
+    modules = dict(base_model.named_modules())
+    saved = {}
+    try:
+        with torch.no_grad():
+            for m, (a, b) in delta.items():
+                w = modules[m].weight
+                saved[m] = w.detach().clone()
+                w.add_(((float(alpha) / a.shape[0]) * (b.to(torch.float32) @ a.to(torch.float32))).to(w))
+        yield
+    finally:
+        with torch.no_grad():
+            for m, w0 in saved.items():
+                modules[m].weight.copy_(w0)
+
+
+def run_client_task(
+    base_model: torch.nn.Module,
+    tokenizer,
+    task: ClientTask,
+    examples: Sequence[Example],
+    train_cfg: LocalTrainConfig,
+    *,
+    encoding: EncodingOptions | None = None,
+    dropout: float = 0.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[ClientUpdate, LocalTrainResult]:
+    """One client's round from a :class:`ClientTask`: the function every engine calls on the client side.
+
+    Merges FLoRA's ``base_delta`` into the base (when given), then runs :func:`train_client`.
+    The base model is bit-identical on return.
+    """
+    with merged_into_base(base_model, task.base_delta, task.spec.alpha):
+        return train_client(
+            base_model, tokenizer, task.spec, examples, task.init, train_cfg, seed=task.seed,
+            encoding=encoding, hetlora=task.hetlora, dropout=dropout, on_step=on_step,
+        )
 
 
 def factor_bytes(factors: Mapping[str, Factors]) -> int:

@@ -1,0 +1,625 @@
+"""One federated run, independent of the engine that moves its messages.
+
+:class:`Federation` holds what a run *is* (model, data, partition, client types and ranks, eval
+set, aggregator, checkpoints, outputs) and what the server does each round:
+
+1. :meth:`Federation.plan_round` samples the round's clients and builds one
+   :class:`~flexlora.training.client.ClientTask` per client (the global adapter distributed to
+   its own ranks, its seed);
+2. an *engine* delivers the tasks and collects one :class:`ClientOutcome` per task: the
+   in-process engine (:mod:`flexlora.engines.simulation`) calls
+   :func:`~flexlora.training.client.run_client_task` directly, the Flower engine
+   (:mod:`flexlora.engines.flower`) sends one Message per node;
+3. :meth:`Federation.aggregate_round` checks every reply against what was asked (modules,
+   shapes, ranks, finite values), drops the bad and missing ones with a warning, enforces
+   ``min_clients`` and aggregates through the core;
+4. :meth:`Federation.end_round` evaluates when due, writes the atomic checkpoint and the metrics.
+
+:meth:`Federation.run` is that loop, the same for every engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from flexlora.core.aggregators import Aggregator, GlobalState, get_aggregator
+from flexlora.core.distributions import (
+    PAPER_CLIENT_TYPES,
+    ClientType,
+    sample_client_types,
+    type_counts,
+    types_from_ranks,
+)
+from flexlora.core.lowrank import stable_seed
+from flexlora.core.types import AggregationError, ClientUpdate, Factors, validate_round
+from flexlora.data import Example, TaskData, load_task_data, partition_examples
+from flexlora.data.templates import encode_example, encode_prompt
+from flexlora.engines.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    config_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from flexlora.engines.config import RunConfig, to_toml
+from flexlora.engines.outputs import TensorBoardLog, plot_curves, summary_table, write_metrics
+from flexlora.training.adapter import client_adapter
+from flexlora.training.client import ClientSpec, ClientTask, EncodingOptions, factor_bytes
+from flexlora.training.evaluate import eval_loss, evaluate_generation
+from flexlora.training.export import save_merged_model, save_peft_adapter
+from flexlora.training.local import LocalTrainConfig
+from flexlora.training.models import load_base_model, model_lora_targets, module_shapes
+
+TIME_KEYS = ("seconds", "eval_seconds", "aggregate_seconds")
+
+
+class FederationError(RuntimeError):
+    """A round cannot go on (too few valid client replies, no nodes); the last checkpoint is intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` picks CUDA, then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def base_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def client_types_for(cfg: RunConfig) -> list[ClientType]:
+    """The resource types of a run, smallest first, with the run's alpha."""
+    if cfg.lora.types:
+        return [ClientType(f"type{i + 1}", a, m, cfg.lora.alpha) for i, (a, m) in enumerate(cfg.lora.types)]
+    return [ClientType(t.name, t.attention_rank, t.mlp_rank, cfg.lora.alpha) for t in PAPER_CLIENT_TYPES]
+
+
+def local_train_config(cfg: RunConfig) -> LocalTrainConfig:
+    """The local training settings of every client of a run."""
+    t = cfg.train
+    return LocalTrainConfig(
+        optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum,
+        micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps, local_steps=cfg.local_steps,
+        epochs=t.epochs, max_grad_norm=t.max_grad_norm, lr_scheduler=t.lr_scheduler, warmup_steps=t.warmup_steps,
+    )
+
+
+def encoding_options(cfg: RunConfig) -> EncodingOptions:
+    return EncodingOptions(cfg.train.template, cfg.train.cutoff_len, cfg.train.train_on_inputs)
+
+
+def load_run_data(cfg: RunConfig) -> TaskData:
+    """The run's data set through the project's loaders, with the config's data options."""
+    options: dict[str, Any] = {}
+    if cfg.data_options.max_per_task:
+        options["max_per_task"] = cfg.data_options.max_per_task
+    if cfg.data_options.unseen_tasks:
+        options["unseen_tasks"] = list(cfg.data_options.unseen_tasks)
+    return load_task_data(cfg.data, **options)
+
+
+def sample_round_clients(num_clients: int, clients_per_round: float, seed: int, rnd: int) -> list[int]:
+    """The clients of round ``rnd``: a seeded draw without replacement, sorted.
+
+    ``clients_per_round`` below 1 is a fraction (at least one client); from 1 up it is a count.
+    The draw depends only on ``(seed, rnd)``, so a resumed run samples the same clients.
+    """
+    m = max(1, round(clients_per_round * num_clients)) if clients_per_round < 1 else int(clients_per_round)
+    m = min(m, num_clients)
+    rng = np.random.default_rng([seed, rnd, 0x5A17])
+    return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
+
+
+@dataclass
+class ClientOutcome:
+    """What came back for one :class:`ClientTask`: an update, or the reason there is none.
+
+    ``bytes_up``/``bytes_down`` are the factor bytes that crossed (or, in process, would cross)
+    the wire; ``where`` names the node for logs (``None`` in process).
+    """
+
+    task: ClientTask
+    update: ClientUpdate | None = None
+    failure: str | None = None
+    train_loss: float = math.nan
+    steps: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    where: str | None = None
+
+
+class Engine(Protocol):
+    """Moves one round's tasks to the clients and their replies back."""
+
+    def train_round(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:
+        """One outcome per task, in the order of ``tasks``."""
+        ...
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Federation.run` returns."""
+
+    run_dir: Path
+    records: list[dict[str, Any]]
+    summary: str
+
+
+class Federation:
+    """A federated fine-tuning run: its plan and the server's round logic, for any engine.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    run_dir : Path
+        Output directory (created). With ``resume=True`` it must hold a checkpoint.
+    resume : bool, default False
+        Continue from ``run_dir/checkpoints/latest.pt``.
+    progress : bool, default True
+        Show progress bars.
+    log : callable, default print
+        Where status lines and warnings go.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.progress = progress
+        self.log = log
+        self.records: list[dict[str, Any]] = []
+        self.state: GlobalState | None = None
+        self.start_round = 1
+        self._restored_assignment: list[tuple[str, int, int, float]] | None = None
+        self._setup()
+
+    # ----------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if not self.resume and (self.run_dir / "checkpoints" / "latest.pt").exists():
+            raise CheckpointError(
+                f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir}, "
+                "or choose another --output"
+            )
+        if cfg.aggregator.lower() in ("fedavg", "fedit") and cfg.rank_distribution != "homo" and not cfg.lora.ranks:
+            # Rejected before anything loads: FedAvg averages A and B entrywise, so all ranks must agree.
+            if len(client_types_for(cfg)) > 1:
+                raise AggregationError(
+                    f"aggregator {cfg.aggregator!r} needs every client at the same rank, but rank_distribution "
+                    f"is {cfg.rank_distribution!r}; use --set rank_distribution=homo, or a heterogeneous "
+                    "aggregator (flexlora, hetlora, flora)"
+                )
+        self.device = resolve_device(cfg.device)
+        t0 = time.perf_counter()
+        self.model, self.tokenizer = load_base_model(cfg.model, dtype=base_dtype(cfg.dtype))
+        self.model.to(self.device)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {self.device}")
+
+        self.data: TaskData = load_run_data(cfg)
+        self.num_clients = cfg.num_clients or len(self.data.train)
+        self.partition = partition_examples(
+            self.data, self.num_clients, cfg.data_options.partition, alpha=cfg.data_options.dirichlet_alpha,
+            seed=cfg.seed,
+        )
+        self.partition.save(self.run_dir / "partition.json")
+        self._examples: dict[str, Example] = {ex.id: ex for exs in self.data.train.values() for ex in exs}
+
+        groups = model_lora_targets(self.model)
+        if cfg.lora.targets != "all":
+            groups = {m: g for m, g in groups.items() if g == cfg.lora.targets}
+        if not groups:
+            raise ValueError(f"model {cfg.model!r} has no LoRA target modules of kind {cfg.lora.targets!r}")
+        self.groups = groups
+        self.shapes = module_shapes(self.model, list(groups))
+
+        if cfg.lora.ranks:
+            if len(cfg.lora.ranks) != self.num_clients:
+                raise ValueError(
+                    f"lora.ranks gives {len(cfg.lora.ranks)} ranks but the run has {self.num_clients} clients"
+                )
+            assignment = types_from_ranks([r if isinstance(r, int) else tuple(r) for r in cfg.lora.ranks],
+                                          alpha=cfg.lora.alpha)
+        else:
+            assignment = sample_client_types(
+                self.num_clients, cfg.rank_distribution, types=client_types_for(cfg), seed=cfg.seed
+            )
+        # Clients are stored as an index into the distinct types: per-client state stays a few
+        # bytes, so memory does not grow with the number of clients beyond that.
+        self.types: list[ClientType] = sorted(set(assignment), key=lambda t: (t.attention_rank, t.mlp_rank, t.name))
+        self.client_type = [self.types.index(t) for t in assignment]
+        self._type_ranks = [t.module_ranks(self.shapes, self.groups) for t in self.types]
+        self._make_aggregator()
+
+        self.train_cfg = local_train_config(cfg)
+        self.encoding = encoding_options(cfg)
+        self._build_eval_set()
+        self.fingerprint = config_fingerprint(cfg.to_dict(), ignore=("rounds", "flower"))
+        atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
+        if self.resume:
+            self._restore()
+
+    def _make_aggregator(self) -> None:
+        cfg = self.cfg
+        self.max_rank = max(max(r.values()) for r in self._type_ranks)
+        agg_opts = dict(cfg.aggregator_options)
+        if cfg.aggregator.lower() == "flexlora":
+            agg_opts.setdefault("max_rank", self.max_rank)
+        self.aggregator: Aggregator = get_aggregator(cfg.aggregator, **agg_opts)
+        self.is_flora = self.aggregator.name == "flora"
+        if cfg.export.rank:
+            self.export_ranks = {m: min(cfg.export.rank, *s) for m, s in self.shapes.items()}
+        else:  # the largest client rank of each module
+            self.export_ranks = {m: max(r[m] for r in self._type_ranks) for m in self.shapes}
+
+    def set_client_type(self, k: int, client_type: ClientType) -> None:
+        """Give client ``k`` the resource type its node declared (Flower's capability query).
+
+        Must be called before :meth:`run`; the export rank and FlexLoRA's ``max_rank`` follow.
+        """
+        if not 0 <= k < self.num_clients:
+            raise ValueError(f"client {k} is outside 0..{self.num_clients - 1}")
+        if client_type not in self.types:
+            self.types.append(client_type)
+            self._type_ranks.append(client_type.module_ranks(self.shapes, self.groups))
+        self.client_type[k] = self.types.index(client_type)
+        self._make_aggregator()
+
+    def _build_eval_set(self) -> None:
+        cfg = self.cfg.eval
+        tasks = sorted(self.data.unseen)
+        if cfg.max_tasks:
+            tasks = tasks[: cfg.max_tasks]
+        self.eval_items: list[tuple[str, list[int], tuple[str, ...]]] = []
+        self.eval_features: list[dict[str, list[int]]] = []
+        for task in tasks:
+            exs = self.data.unseen[task]
+            if cfg.max_examples_per_task:
+                exs = exs[: cfg.max_examples_per_task]
+            for ex in exs:
+                prompt = encode_prompt(self.tokenizer, ex, template=self.encoding.template,
+                                       cutoff_len=self.encoding.cutoff_len)
+                self.eval_items.append((task, prompt, ex.references or (ex.output,)))
+                self.eval_features.append(
+                    encode_example(self.tokenizer, ex, template=self.encoding.template,
+                                   cutoff_len=self.encoding.cutoff_len, train_on_inputs=False)
+                )
+
+    # --------------------------------------------------------------- clients
+    def client_spec(self, k: int) -> ClientSpec:
+        t = self.client_type[k]
+        return ClientSpec(client_id=f"client{k:05d}", ranks=self._type_ranks[t], alpha=self.types[t].alpha,
+                          type_name=self.types[t].name)
+
+    def client_examples(self, k: int) -> list[Example]:
+        return [self._examples[i] for i in self.partition.clients[k]]
+
+    def _assignment(self) -> list[tuple[str, int, int, float]]:
+        return [(t.name, t.attention_rank, t.mlp_rank, float(t.alpha)) for t in (self.types[i] for i in self.client_type)]
+
+    # ----------------------------------------------------------------- resume
+    def _checkpoint_payload(self, rnd: int) -> dict[str, Any]:
+        py_version, py_state, py_gauss = random.getstate()
+        return {
+            "round": rnd,
+            "fingerprint": self.fingerprint,
+            "config": self.cfg.to_dict(),
+            "global_state": self.state.state_dict() if self.state is not None else None,
+            "assignment": [list(a) for a in self._assignment()],
+            "partition_hash": self.partition.manifest()["hash"],
+            "records": self.records,
+            "rng": {"torch": torch.get_rng_state(), "python": list(py_state), "python_version": py_version,
+                    "python_gauss": py_gauss},
+        }
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.run_dir / "checkpoints")
+        if ckpt["fingerprint"] != self.fingerprint:
+            raise CheckpointError(
+                f"the checkpoint in {self.run_dir} was written with a different configuration; resume with the "
+                "run's own config.toml (only `rounds` and the [flower] settings may change)"
+            )
+        if ckpt["partition_hash"] != self.partition.manifest()["hash"]:
+            raise CheckpointError("the data partition differs from the checkpoint's (did the data change?)")
+        try:
+            self._restored_assignment = [(str(a[0]), int(a[1]), int(a[2]), float(a[3])) for a in ckpt["assignment"]]
+            self.state = (
+                GlobalState.from_state_dict(ckpt["global_state"]) if ckpt["global_state"] is not None else None
+            )
+            self.records = list(ckpt["records"])
+            self.start_round = int(ckpt["round"]) + 1
+            rng = ckpt["rng"]
+            torch.set_rng_state(rng["torch"])
+            random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(
+                f"checkpoint {self.run_dir / 'checkpoints'} is malformed ({exc!r}); delete it to restart the run"
+            ) from exc
+        self.log(f"resuming {self.run_dir} after round {ckpt['round']}")
+
+    def _check_restored_assignment(self) -> None:
+        # Checked when the run starts rather than at load time: on Flower the nodes declare their
+        # ranks (set_client_type) after the federation is built.
+        if self._restored_assignment is not None and self._restored_assignment != self._assignment():
+            diff = [k for k, (a, b) in enumerate(zip(self._restored_assignment, self._assignment())) if a != b]
+            raise CheckpointError(
+                f"the clients' ranks differ from the checkpoint's (clients {diff[:5]}); resume with the same "
+                "rank assignment (the same node capabilities on Flower)"
+            )
+
+    # ------------------------------------------------------------------ round
+    def plan_round(self, rnd: int) -> list[ClientTask]:
+        """The round's sampled clients, each with its own ranks, seed and distributed global adapter."""
+        sampled = sample_round_clients(self.num_clients, self.cfg.clients_per_round, self.cfg.seed, rnd)
+        hetlora = (
+            (self.cfg.train.hetlora_strength, self.cfg.train.hetlora_gamma)
+            if self.aggregator.name == "hetlora" and self.cfg.train.hetlora_strength > 0
+            else None
+        )
+        base_delta = None
+        if self.is_flora and self.state is not None:
+            base_delta = self.aggregator.stacked(self.state, self.cfg.lora.alpha)  # type: ignore[attr-defined]
+        tasks = []
+        for k in sampled:
+            spec = self.client_spec(k)
+            init = None
+            if self.state is not None and not self.is_flora:
+                init = self.aggregator.distribute(self.state, spec.ranks, spec.alpha)
+            tasks.append(ClientTask(round=rnd, client=k, spec=spec, init=init, base_delta=base_delta,
+                                    seed=stable_seed("client", self.cfg.seed, rnd, k), hetlora=hetlora))
+        return tasks
+
+    def check_update(self, task: ClientTask, update: ClientUpdate) -> str | None:
+        """Why ``update`` cannot be aggregated as the reply to ``task`` (None when it can).
+
+        Checks the module set, each module's shape and rank against what the client was asked
+        to train, the alpha, the example count and that every value is finite.
+        """
+        missing = sorted(set(self.shapes) - set(update.factors))
+        extra = sorted(set(update.factors) - set(self.shapes))
+        if missing or extra:
+            return f"modules differ from the run's (missing {missing[:3]}, unknown {extra[:3]})"
+        for m, (out_f, in_f) in self.shapes.items():
+            a, b = update.factors[m]
+            r = task.spec.ranks[m]
+            if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+                return (f"module {m!r}: got A{tuple(a.shape)} and B{tuple(b.shape)}, expected rank {r}: "
+                        f"A({r}, {in_f}) and B({out_f}, {r})")
+        if float(update.alpha) != float(task.spec.alpha):
+            return f"alpha {update.alpha!r} differs from the client's {task.spec.alpha!r}"
+        try:
+            validate_round([update], check_finite=self.aggregator.check_finite)
+        except AggregationError as exc:
+            return str(exc).removeprefix(update.label(0) + ", ").removeprefix(update.label(0) + ": ")
+        return None
+
+    def aggregate_round(self, rnd: int, outcomes: Sequence[ClientOutcome]) -> dict[str, Any]:
+        """Validate the round's outcomes, aggregate the valid ones and return the round's record.
+
+        Raises
+        ------
+        FederationError
+            When fewer than ``min_clients`` valid updates arrived; the state is left as it was.
+        """
+        valid: list[ClientOutcome] = []
+        dropped: list[dict[str, str]] = []
+        for o in outcomes:
+            reason = o.failure
+            if reason is None and o.update is None:
+                reason = "no reply"
+            if reason is None:
+                assert o.update is not None
+                reason = self.check_update(o.task, o.update)
+            if reason is not None:
+                where = f" on {o.where}" if o.where else ""
+                self.log(f"warning: round {rnd}: {o.task.spec.client_id}{where} dropped from this round: {reason}")
+                dropped.append({"client": o.task.spec.client_id, "where": o.where or "", "reason": reason})
+            else:
+                valid.append(o)
+        need = max(1, self.cfg.min_clients)
+        if len(valid) < need:
+            raise FederationError(
+                f"round {rnd}: {len(valid)} of {len(outcomes)} sampled clients returned a valid update, fewer than "
+                f"min_clients = {need} ({'; '.join(d['client'] + ': ' + d['reason'] for d in dropped)[:600]}). "
+                f"The checkpoint of round {rnd - 1} in {self.run_dir} is intact: bring the nodes back (or lower "
+                f"min_clients) and continue with --resume {self.run_dir}"
+            )
+        t0 = time.perf_counter()
+        self.state = self.aggregator.aggregate([o.update for o in valid], previous=self.state)  # type: ignore[misc]
+        agg_seconds = time.perf_counter() - t0
+        group_losses: dict[str, list[float]] = {}
+        for o in valid:
+            group_losses.setdefault(o.task.spec.type_name, []).append(o.train_loss)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients": [o.task.spec.client_id for o in outcomes],
+            "train_loss": float(np.average([o.train_loss for o in valid],
+                                           weights=[o.update.num_examples for o in valid])),  # type: ignore[union-attr]
+            "groups": {g: {"clients": len(v), "train_loss": float(np.mean(v))} for g, v in sorted(group_losses.items())},
+            "bytes_up": int(sum(o.bytes_up for o in outcomes)),
+            "bytes_down": int(sum(o.bytes_down for o in outcomes)),
+            "bytes": {o.task.spec.client_id: {"type": o.task.spec.type_name, "up": int(o.bytes_up),
+                                              "down": int(o.bytes_down)} for o in outcomes},
+            "spectrum": self._spectrum(),
+            "aggregate_seconds": agg_seconds,
+        }
+        if dropped:
+            record["dropped"] = dropped
+        return record
+
+    def end_round(self, rnd: int, record: dict[str, Any], tb: TensorBoardLog | None = None) -> None:
+        """Evaluate when due, then write the checkpoint, metrics.jsonl and TensorBoard for round ``rnd``."""
+        if self._eval_due(rnd):
+            record.update(self.evaluate())
+        if rnd == self.cfg.rounds and self.cfg.eval.per_type and self.eval_items:
+            record["rougeL_by_type"] = self.evaluate_per_type()
+        self.records.append(record)
+        save_checkpoint(self.run_dir / "checkpoints", self._checkpoint_payload(rnd))
+        write_metrics(self.run_dir / "metrics.jsonl", self.records)
+        if tb is not None:
+            tb.log(record)
+
+    def _spectrum(self, top: int = 8) -> dict[str, Any]:
+        """Leading singular values of the first adapted module's global update, to watch the
+        rank collapse of the tail directions across rounds (method.md, section 2)."""
+        assert self.state is not None
+        m = next(iter(self.shapes))
+        st = self.state.modules[m]
+        s = st.svd.S if st.svd is not None else st.to_svd().S
+        return {"module": m, "top": [float(x) for x in s[:top]], "rank_held": int(s.shape[0])}
+
+    # ------------------------------------------------------------- evaluation
+    def global_factors(self, rank: int | None = None) -> dict[str, Factors]:
+        """The global adapter as LoRA factors at ``rank`` (default: the export rank), capped per
+        module at ``min(out, in)``. FLoRA with ``export.rank`` 0 gives the exact stacked update."""
+        assert self.state is not None
+        if rank is None and self.is_flora and not self.cfg.export.rank:
+            return self.aggregator.stacked(self.state, self.cfg.lora.alpha)  # type: ignore[attr-defined]
+        ranks = self.export_ranks if rank is None else {m: min(rank, *s) for m, s in self.shapes.items()}
+        return self.aggregator.distribute(self.state, ranks, self.cfg.lora.alpha)
+
+    def evaluate(self, factors: dict[str, Factors] | None = None, *, with_loss: bool = True) -> dict[str, Any]:
+        """Rouge-L of greedy answers (and the eval loss) on the unseen tasks.
+
+        ``factors`` defaults to the current global adapter at the export rank; before the first
+        round (no global state) the base model is evaluated.
+        """
+        if not self.eval_items:
+            return {}
+        t0 = time.perf_counter()
+        cfg = self.cfg.eval
+        if factors is None and self.state is not None:
+            factors = self.global_factors()
+        if factors is None:
+            ctx: contextlib.AbstractContextManager = contextlib.nullcontext(self.model)
+        else:
+            ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
+            ctx = client_adapter(self.model, ranks, self.cfg.lora.alpha, factors)
+        with ctx as model:
+            model.eval()
+            gen = evaluate_generation(model, self.tokenizer, self.eval_items, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.batch_size)
+            loss = eval_loss(model, self.eval_features, batch_size=cfg.loss_batch_size) if with_loss else None
+        out: dict[str, Any] = {"rougeL": gen.overall, "rougeL_per_task": gen.per_task}
+        if with_loss:
+            out["eval_loss"] = loss
+        out["eval_examples"] = len(self.eval_items)
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+    def evaluate_per_type(self) -> dict[str, float]:
+        """Rouge-L of the global model as each client type receives it (distributed to its ranks)."""
+        assert self.state is not None
+        out = {}
+        used = sorted(set(self.client_type))
+        for i in used:
+            t, ranks = self.types[i], self._type_ranks[i]
+            if self.is_flora:
+                # FLoRA clients do not receive a truncated adapter; they train on the full global.
+                continue
+            factors = self.aggregator.distribute(self.state, ranks, t.alpha)
+            out[t.name] = self.evaluate(factors, with_loss=False)["rougeL"]
+        return out
+
+    def _eval_due(self, rnd: int) -> bool:
+        every = self.cfg.eval.every
+        return rnd == self.cfg.rounds or (every > 0 and rnd % every == 0)
+
+    # -------------------------------------------------------------------- run
+    def run(self, engine: Engine) -> RunResult:
+        """Run (or continue) the federation to ``cfg.rounds`` rounds through ``engine``, writing every output."""
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        self._check_restored_assignment()
+        tb = TensorBoardLog(self.run_dir / "tensorboard")
+        t_start = time.perf_counter()
+        try:
+            if self.start_round == 1 and cfg.eval.baseline and not any(r["round"] == 0 for r in self.records):
+                self.log("evaluating the base model (round 0)")
+                rec = {"round": 0, **self.evaluate()}
+                self.records.append(rec)
+                tb.log(rec)
+                write_metrics(self.run_dir / "metrics.jsonl", self.records)
+            rounds_bar = tqdm(total=cfg.rounds, initial=self.start_round - 1, desc="rounds", unit="round",
+                              disable=not self.progress, position=0)
+            for rnd in range(self.start_round, cfg.rounds + 1):
+                t0 = time.perf_counter()
+                tasks = self.plan_round(rnd)
+                outcomes = engine.train_round(self, rnd, tasks)
+                rec = self.aggregate_round(rnd, outcomes)
+                rec["seconds"] = time.perf_counter() - t0
+                self.end_round(rnd, rec, tb)
+                msg = f"round {rnd}/{cfg.rounds}: train loss {rec['train_loss']:.4f}"
+                if "rougeL" in rec:
+                    msg += f", Rouge-L {rec['rougeL']:.4f}, eval loss {rec['eval_loss']:.4f}"
+                rounds_bar.update(1)
+                msg += f" ({rec['seconds']:.1f}s)"
+                if self.progress:  # print above the bars instead of through them
+                    tqdm.write(msg, file=sys.stderr)
+                else:
+                    self.log(msg)
+            rounds_bar.close()
+        finally:
+            tb.close()
+        return self.finish(time.perf_counter() - t_start)
+
+    def finish(self, seconds: float) -> RunResult:
+        """Export the adapter (PEFT format), plots and the summary."""
+        if self.state is None:
+            raise RuntimeError("no round has run; nothing to export")
+        factors = self.global_factors()
+        save_peft_adapter(self.model, factors, self.cfg.lora.alpha, self.run_dir / "adapter",
+                          base_model_name_or_path=self.cfg.model)
+        if self.cfg.export.merged:
+            save_merged_model(self.model, self.tokenizer, factors, self.cfg.lora.alpha, self.run_dir / "merged")
+        plot_curves(self.records, self.run_dir / "plots")
+        counts = type_counts([self.types[t] for t in self.client_type])
+        info = {
+            "run_dir": str(self.run_dir),
+            "model": self.cfg.model,
+            "aggregator": self.aggregator.name,
+            "clients (per type)": ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+            "rounds": self.cfg.rounds,
+            "time (this process)": f"{seconds:.0f}s",
+            "peak memory": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
+            "adapter": str(self.run_dir / "adapter"),
+        }
+        summary = summary_table(self.records, info)
+        atomic_write_text(self.run_dir / "summary.txt", summary)
+        return RunResult(self.run_dir, self.records, summary)
+
+
+def deterministic_view(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics without wall-clock fields (what must match bit for bit across a resume or engines)."""
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
