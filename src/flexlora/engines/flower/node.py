@@ -1,0 +1,151 @@
+"""What a SuperNode knows and does: its capability, its data, and one client's round.
+
+A node's identity comes from its ``node_config``:
+
+- ``partition-id`` (int): which client of the run it is (its data partition, and the index the
+  server samples). Flower's Ray simulation sets it for every virtual node; in deployment it is
+  given with ``flower-supernode --node-config "partition-id=3"``.
+- at most one capability: ``client-type`` (a type name of the run, e.g. ``"type2"``), ``ranks``
+  (``"8"`` or ``"30,200"`` for attention,MLP) or ``budget`` (trainable LoRA parameters this node
+  can afford; ``budget-unit="bytes"`` for memory). Without one, the node takes the type the run's
+  ``rank_distribution`` drew for its partition, exactly as in the in-process engine.
+- ``data`` (optional): a path to the node's own data set. Without it the node loads the run's
+  ``data`` and keeps its own partition of it (the same deterministic partition as the server's).
+
+The base model and the data are loaded once per process and reused across rounds and runs with
+the same settings: they live in this module's state (``_MODELS``, ``_DATA``), which persists for
+the life of the SuperNode's ClientApp process. Module state rather than the ClientApp lifespan,
+because the lifespan is entered around every single message, and a model load per message would
+cost seconds each round.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from flexlora.data import Example, load_task_data, partition_examples
+from flexlora.engines.config import RunConfig, from_dict
+from flexlora.engines.federation import base_dtype, encoding_options, load_run_data, local_train_config, resolve_device
+from flexlora.training.client import ClientTask, run_client_task
+from flexlora.training.models import load_base_model
+
+_MODELS: dict[tuple[str, str, str], tuple[torch.nn.Module, Any]] = {}
+_DATA: dict[tuple[str, str, int, str], list[Example]] = {}
+CAPABILITY_KEYS = ("client-type", "ranks", "budget")
+
+
+class NodeError(ValueError):
+    """A node's configuration cannot serve the run (bad node_config, wrong partition, no data)."""
+
+
+def partition_id(node_config: Mapping[str, Any]) -> int:
+    """The node's ``partition-id``; a clear error when it is missing or not an int."""
+    if "partition-id" not in node_config:
+        raise NodeError("the node config has no partition-id; start the SuperNode with "
+                        "--node-config \"partition-id=<client index>\"")
+    try:
+        return int(node_config["partition-id"])
+    except (TypeError, ValueError) as exc:
+        raise NodeError(f"node config partition-id must be an int, got {node_config['partition-id']!r}") from exc
+
+
+def capabilities(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The node's answer to ``query.capabilities``: its partition and declared resources."""
+    declared = [k for k in CAPABILITY_KEYS if str(node_config.get(k, "")).strip()]
+    if len(declared) > 1:
+        raise NodeError(f"the node config declares {declared}; give at most one of {list(CAPABILITY_KEYS)}")
+    out: dict[str, Any] = {"partition-id": partition_id(node_config)}
+    for k in declared:
+        v = node_config[k]
+        out[k] = float(v) if k == "budget" else str(v)
+    if "budget" in out:
+        out["budget-unit"] = str(node_config.get("budget-unit", "params"))
+    return out
+
+
+def parse_run_config(text: str) -> RunConfig:
+    try:
+        return from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise NodeError(f"the run config sent by the server is not valid TOML: {exc}") from exc
+
+
+def node_model(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
+    """The base model of ``cfg`` on this node, loaded once per process."""
+    device = resolve_device(cfg.device)
+    key = (cfg.model, cfg.dtype, str(device))
+    if key not in _MODELS:
+        model, tok = load_base_model(cfg.model, dtype=base_dtype(cfg.dtype))
+        model.to(device)
+        model.requires_grad_(False)
+        model.eval()
+        _MODELS[key] = (model, tok)
+    return _MODELS[key]
+
+
+def node_examples(cfg: RunConfig, node_config: Mapping[str, Any], client: int) -> list[Example]:
+    """This node's training examples: its own ``data`` set, or partition ``client`` of the run's data."""
+    own = str(node_config.get("data", "")).strip()
+    key = (own or cfg.data, repr(sorted(cfg.data_options.__dict__.items())), client if not own else -1,
+           f"{cfg.num_clients}/{cfg.seed}")
+    if key not in _DATA:
+        if own:
+            data = load_task_data(own)
+            _DATA[key] = [ex for exs in data.train.values() for ex in exs]
+        else:
+            data = load_run_data(cfg)
+            n = cfg.num_clients or len(data.train)
+            if not 0 <= client < n:
+                raise NodeError(f"partition-id {client} is outside the run's {n} clients")
+            part = partition_examples(data, n, cfg.data_options.partition, alpha=cfg.data_options.dirichlet_alpha,
+                                      seed=cfg.seed)
+            by_id = {ex.id: ex for exs in data.train.values() for ex in exs}
+            _DATA[key] = [by_id[i] for i in part.clients[client]]
+        if not _DATA[key]:
+            raise NodeError(f"node of partition {client} holds no training examples")
+    return _DATA[key]
+
+
+def _fault(node_config: Mapping[str, Any], rnd: int) -> str:
+    """Test-only fault injection (``fault="kill@2"`` etc. in the node config), honoured only when
+    ``FLEXLORA_TEST_FAULTS=1`` is set in the node's environment."""
+    spec = str(node_config.get("fault", ""))
+    if not spec or os.environ.get("FLEXLORA_TEST_FAULTS") != "1":
+        return ""
+    kind, _, at = spec.partition("@")
+    return kind if at and int(at.split(":")[0]) == rnd else ""
+
+
+def train_task(task: ClientTask, run_config_toml: str, node_config: Mapping[str, Any]):
+    """Run one ``train`` task on this node; returns ``(update, LocalTrainResult)``."""
+    me = partition_id(node_config)
+    if task.client != me:
+        raise NodeError(f"the server sent client {task.client}'s task to the node of partition {me}")
+    cfg = parse_run_config(run_config_toml)
+    fault = _fault(node_config, task.round)
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "sleep":
+        time.sleep(float(str(node_config["fault"]).split(":")[1]))
+    model, tok = node_model(cfg)
+    update, result = run_client_task(model, tok, task, node_examples(cfg, node_config, me), local_train_config(cfg),
+                                     encoding=encoding_options(cfg), dropout=cfg.lora.dropout)
+    if fault in ("nan", "shape", "rank"):
+        m = sorted(update.factors)[0]
+        a, b = update.factors[m]
+        if fault == "nan":
+            a = a.clone()
+            a[0, 0] = float("nan")
+        elif fault == "shape":
+            a = torch.zeros(a.shape[0], a.shape[1] + 1)
+        else:
+            a, b = a[:-1].clone(), b[:, :-1].clone()
+        update.factors = {**update.factors, m: (a, b)}
+    return update, result

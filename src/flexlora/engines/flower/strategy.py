@@ -1,0 +1,279 @@
+"""FlexLoRAStrategy: the server side of the Flower engine.
+
+The strategy owns what Flower's own strategies own (configure a round's messages, aggregate the
+replies) and nothing more: the round's plan, the validation of replies, the aggregation through
+the core (any flexlora aggregator: flexlora, fedavg, hetlora, flora), the evaluation, the
+checkpoints and the run directory all belong to the shared
+:class:`~flexlora.engines.federation.Federation`, exactly as in the in-process engine.
+
+What only a network federation needs is here:
+
+- *capabilities*: the server cannot read a node's ``node_config``, so it asks every node
+  (``query.capabilities``) which partition it holds and what it can afford (a client type,
+  explicit ranks, or a budget mapped to ranks with :func:`flexlora.core.distributions.types_from_budget`);
+- *one message per node*, carrying that node's own factors at its own per-module ranks;
+- *failures*: a node that crashed, timed out, answered with an error or with a malformed
+  message is dropped from the round with a logged warning; the federation then enforces
+  ``min_clients``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from flexlora.core.distributions import ClientType, types_from_budget
+from flexlora.engines.config import to_toml
+from flexlora.engines.federation import ClientOutcome, Federation, FederationError, RunResult, client_types_for
+from flexlora.engines.flower.wire import (
+    MSG_CAPABILITIES,
+    MSG_TRAIN,
+    WireError,
+    decode_reply,
+    record_nbytes,
+    task_content,
+)
+from flexlora.training.client import ClientTask
+
+
+class FlexLoRAStrategy(Strategy):
+    """Drive a :class:`~flexlora.engines.federation.Federation` over a Flower Grid.
+
+    Parameters
+    ----------
+    federation : Federation
+        The run (its config, data plan, aggregator, outputs). Its ``cfg.flower`` section gives the
+        defaults of the settings below.
+    round_timeout : float, optional
+        Seconds to wait for a round's replies (default ``cfg.flower.round_timeout``).
+    wire_dtype : {"float32", "float16"}, optional
+        Dtype of the factors on the wire (default ``cfg.flower.wire_dtype``).
+    wait_for_nodes : float, optional
+        Seconds to wait at start for a node of every client (default ``cfg.flower.wait_for_nodes``).
+    log : callable, optional
+        Where status lines and warnings go (default: the federation's).
+    """
+
+    def __init__(
+        self,
+        federation: Federation,
+        *,
+        round_timeout: float | None = None,
+        wire_dtype: str | None = None,
+        wait_for_nodes: float | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        fl = federation.cfg.flower
+        self.fed = federation
+        self.round_timeout = float(round_timeout if round_timeout is not None else fl.round_timeout)
+        self.wire_dtype = wire_dtype or fl.wire_dtype
+        self.wait_for_nodes = float(wait_for_nodes if wait_for_nodes is not None else fl.wait_for_nodes)
+        self.log = log or federation.log
+        self.node_of: dict[int, int] = {}  # client index -> node id
+        self._seen: set[int] = set()  # node ids already asked for their capabilities
+        self._started = False
+        self._run_config = to_toml(federation.cfg)
+        self._sent: dict[int, ClientTask] = {}  # node id -> the task sent to it this round
+        self._down: dict[int, int] = {}
+        self.last_record: dict[str, Any] | None = None
+        kill = os.environ.get("FLEXLORA_SERVER_KILL_AT")  # test hook: SIGKILL after round R's replies
+        self._kill_at = int(kill) if kill else None
+
+    # ------------------------------------------------------------ capabilities
+    def _resolve(self, node: int, caps: ConfigRecord) -> tuple[int, ClientType | None]:
+        fed = self.fed
+        try:
+            k = int(caps["partition-id"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError(f"capabilities without an int partition-id: {dict(caps)!r}") from exc
+        if not 0 <= k < fed.num_clients:
+            raise WireError(f"partition-id {k} is outside the run's clients 0..{fed.num_clients - 1}")
+        types = client_types_for(fed.cfg)
+        if "client-type" in caps:
+            name = str(caps["client-type"])
+            match = [t for t in types if t.name == name]
+            if not match:
+                raise WireError(f"client-type {name!r} is not one of the run's types {[t.name for t in types]}")
+            return k, match[0]
+        if "ranks" in caps:
+            try:
+                parts = [int(x) for x in str(caps["ranks"]).split(",")]
+                att, mlp = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+                if len(parts) > 2:
+                    raise ValueError
+                return k, ClientType(f"r{att}-{mlp}", att, mlp, fed.cfg.lora.alpha)
+            except ValueError as exc:
+                raise WireError(f"ranks {caps['ranks']!r} must be 'r' or 'attention,mlp' positive ints") from exc
+        if "budget" in caps:
+            unit = str(caps.get("budget-unit", "params"))
+            try:
+                t = types_from_budget([float(caps["budget"])], fed.shapes, types=types, unit=unit,
+                                      groups=fed.groups)[0]
+            except ValueError as exc:
+                raise WireError(str(exc)) from exc
+            return k, t
+        return k, None
+
+    def discover(self, grid: Grid, wait: float = 0.0) -> None:
+        """Ask every node not yet known for its capabilities; wait up to ``wait`` seconds for a node
+        of every client. Types declared after the run started are not applied (the rank
+        assignment of a run is fixed); such a node serves its partition at the assigned type."""
+        deadline = time.monotonic() + wait
+        while True:
+            new = [n for n in grid.get_node_ids() if n not in self._seen]
+            if new:
+                self._query(grid, new)
+            if len(self.node_of) >= self.fed.num_clients or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+
+    def _query(self, grid: Grid, nodes: Sequence[int]) -> None:
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type=MSG_CAPABILITIES, ttl=max(60.0, self.round_timeout))
+                for n in nodes]
+        replies = list(grid.send_and_receive(msgs, timeout=min(60.0, self.round_timeout)))
+        answered = set()
+        for rep in replies:
+            node = rep.metadata.src_node_id
+            answered.add(node)
+            self._seen.add(node)
+            try:
+                if rep.has_error():
+                    raise WireError(f"error reply: {rep.error.reason}")
+                caps = rep.content.config_records.get("capabilities")
+                if caps is None:
+                    raise WireError("reply without a 'capabilities' ConfigRecord")
+                k, ctype = self._resolve(node, caps)
+            except WireError as exc:
+                self.log(f"warning: node {node} ignored: {exc}")
+                continue
+            old = self.node_of.get(k)
+            if old is not None and old in set(grid.get_node_ids()):
+                self.log(f"warning: node {node} claims partition {k}, already held by node {old}; ignored")
+                continue
+            self.node_of[k] = node
+            if ctype is not None:
+                if not self._started:
+                    self.fed.set_client_type(k, ctype)
+                elif self.fed.types[self.fed.client_type[k]] != ctype:
+                    self.log(f"warning: node {node} declares {ctype.name} for client {k}, but the run assigned "
+                             f"{self.fed.types[self.fed.client_type[k]].name}; the run's assignment is kept")
+            self.log(f"node {node}: client {k} ({self.fed.client_spec(k).type_name})")
+        for n in set(nodes) - answered:
+            self.log(f"warning: node {n} did not answer the capability query; it is asked again next round")
+
+    # ------------------------------------------------------------- Strategy
+    def messages_for(self, server_round: int, tasks: Sequence[ClientTask], grid: Grid) -> list[Message]:
+        """One ``train`` Message per task whose client has a node."""
+        msgs, self._sent, self._down = [], {}, {}
+        self._unplaced = [t for t in tasks if t.client not in self.node_of]
+        for t in tasks:
+            node = self.node_of.get(t.client)
+            if node is None:
+                continue
+            content = task_content(t, self._run_config, self.wire_dtype)
+            self._down[node] = record_nbytes(content.array_records.get("init")) + record_nbytes(
+                content.array_records.get("base"))
+            self._sent[node] = t
+            msgs.append(Message(content, dst_node_id=node, message_type=MSG_TRAIN, ttl=self.round_timeout,
+                                group_id=str(server_round)))
+        return msgs
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        """The round's messages: the federation's plan, one message per sampled client's node."""
+        self.discover(grid)
+        return self.messages_for(server_round, self.fed.plan_round(server_round), grid)
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> list[ClientOutcome]:
+        """Turn the replies into one outcome per task: an update, or why there is none."""
+        got: dict[int, ClientOutcome] = {}
+        for rep in replies:
+            node = rep.metadata.src_node_id
+            task = self._sent.get(node)
+            if task is None:
+                self.log(f"warning: round {server_round}: reply from node {node}, which was sent no task; ignored")
+                continue
+            o = ClientOutcome(task, where=f"node {node}", bytes_down=self._down.get(node, 0))
+            try:
+                if rep.has_error():
+                    raise WireError(f"the node failed: {rep.error.reason}")
+                o.update, o.train_loss, o.steps, o.bytes_up = decode_reply(rep.content)
+            except WireError as exc:
+                o.update, o.failure = None, str(exc)
+            got[node] = o
+        outcomes = []
+        for node, task in self._sent.items():
+            outcomes.append(got.get(node) or ClientOutcome(
+                task, failure=f"no reply within {self.round_timeout:g}s (crashed, disconnected or too slow)",
+                where=f"node {node}", bytes_down=self._down.get(node, 0)))
+        for task in self._unplaced:
+            outcomes.append(ClientOutcome(task, failure=f"no connected node holds partition {task.client}"))
+        order = {id(o.task): i for i, o in enumerate(outcomes)}
+        return sorted(outcomes, key=lambda o: (o.task.client, order[id(o.task)]))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and aggregate the replies through the federation. The global state stays on
+        the server (it is sent per client, at each client's ranks), so no ArrayRecord is returned."""
+        outcomes = self.collect(server_round, replies)
+        if self._kill_at == server_round:
+            os.kill(os.getpid(), signal.SIGKILL)
+        rec = self.fed.aggregate_round(server_round, outcomes)
+        self.last_record = rec
+        return None, MetricRecord({"train-loss": rec["train_loss"], "clients": len(outcomes) - len(rec.get("dropped", []))})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        """No client-side evaluation: the global model is evaluated on the server's unseen tasks."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        fed = self.fed
+        self.log(f"FlexLoRAStrategy: {fed.aggregator.summary()}, {fed.num_clients} clients, "
+                 f"{fed.cfg.clients_per_round:g} per round, {fed.cfg.rounds} rounds, min_clients {fed.cfg.min_clients}, "
+                 f"round_timeout {self.round_timeout:g}s, wire {self.wire_dtype}, run dir {fed.run_dir}")
+
+    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> RunResult:  # type: ignore[override]
+        """Run the federation over ``grid`` (the arguments of ``Strategy.start`` are taken from the
+        run config instead: rounds, timeouts and evaluation are the federation's)."""
+        self.summary()
+        self.discover(grid, self.wait_for_nodes)
+        if len(self.node_of) < self.fed.cfg.min_clients:
+            raise FederationError(
+                f"only {len(self.node_of)} node(s) answered within {self.wait_for_nodes:g}s, fewer than min_clients = "
+                f"{self.fed.cfg.min_clients}; start more SuperNodes (each with --node-config \"partition-id=K\")"
+            )
+        missing = [k for k in range(self.fed.num_clients) if k not in self.node_of]
+        if missing:
+            self.log(f"warning: no node holds clients {missing[:10]}{'...' if len(missing) > 10 else ''}; "
+                     "they are dropped from the rounds that sample them")
+        self._started = True
+        return self.fed.run(FlowerEngine(self, grid))
+
+
+class FlowerEngine:
+    """The Engine of :meth:`Federation.run` on Flower: send the round's messages, collect the replies."""
+
+    def __init__(self, strategy: FlexLoRAStrategy, grid: Grid) -> None:
+        self.strategy = strategy
+        self.grid = grid
+
+    def train_round(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:
+        s = self.strategy
+        s.discover(self.grid)
+        msgs = s.messages_for(rnd, tasks, self.grid)
+        replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout)) if msgs else []
+        outcomes = s.collect(rnd, replies)
+        if s._kill_at == rnd:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return outcomes
