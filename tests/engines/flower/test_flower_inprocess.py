@@ -1,0 +1,199 @@
+"""The Flower engine's ServerApp and ClientApp driven through an in-process Grid: parity with the
+in-process engine, node capabilities, failures and malformed replies (fast; no daemons)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flower_common import TINY
+from safetensors.torch import load_file
+
+from flexlora.core.distributions import types_from_budget
+from flexlora.engines.checkpoint import load_checkpoint
+from flexlora.engines.config import load_config
+from flexlora.engines.federation import FederationError, deterministic_view
+from flexlora.engines.flower.client_app import app as client_app
+from flexlora.engines.flower.inprocess import InProcessGrid
+from flexlora.engines.flower.server_app import run_server
+from flexlora.engines.simulation import Simulation
+
+
+def _flower(tmp_path: Path, name: str, extra: list[str], node_configs=None, grid_hook=None, logs=None):
+    nodes = node_configs if node_configs is not None else [{"partition-id": i} for i in range(4)]
+    grid = InProcessGrid(client_app, nodes)
+    if grid_hook:
+        grid_hook(grid)
+    out = tmp_path / name
+    sink = logs if logs is not None else []
+    result = run_server(grid, {"set": ";".join([*TINY, *extra]), "output": str(out)}, log=sink.append)
+    return result, grid
+
+
+def _local(tmp_path: Path, name: str, extra: list[str]) -> Simulation:
+    sim = Simulation(load_config(None, [*TINY, *extra]), tmp_path / name, progress=False, log=lambda m: None)
+    sim.run()
+    return sim
+
+
+def _adapter(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(d / "adapter" / "adapter_model.safetensors"))
+
+
+def _metrics(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["aggregator=hetlora"],
+    ["aggregator=flora"],
+    ["aggregator=fedavg", "rank_distribution=homo"],
+])
+def test_same_adapter_and_metrics_as_the_in_process_engine(tmp_path: Path, extra: list[str]) -> None:
+    extra = ["rounds=2", *extra]
+    local = _local(tmp_path, "local", extra)
+    res, grid = _flower(tmp_path, "flower", extra)
+    a, b = _adapter(local.run_dir), _adapter(res.run_dir)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert deterministic_view(_metrics(local.run_dir)) == deterministic_view(_metrics(res.run_dir))
+    # 4 capability queries + 3 sampled clients in each of 2 rounds
+    assert grid.messages_sent == 4 + 3 * 2
+    # The comparison is not vacuous: training moved the adapter away from zero.
+    assert max(float(t.abs().max()) for t in a.values()) > 0
+
+
+def test_flower_run_directory_has_every_output(tmp_path: Path) -> None:
+    res, _ = _flower(tmp_path, "f", ["rounds=2"])
+    d = res.run_dir
+    for rel in ("config.toml", "partition.json", "metrics.jsonl", "summary.txt", "checkpoints/latest.pt",
+                "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "plots/train_loss.png"):
+        assert (d / rel).is_file(), rel
+    assert any((d / "tensorboard").iterdir())
+    rec = _metrics(d)[-1]
+    # Bytes are logged per client: fp32 factors, down = what the server sent, up = what came back.
+    assert set(rec["bytes"]) == set(rec["clients"])
+    for cid, b in rec["bytes"].items():
+        k = int(cid.removeprefix("client"))
+        assert b["up"] == sum(4 * r * sum(s) for r, s in _rank_shapes(d, k)), cid
+        assert b["down"] == b["up"]  # round 2 sends each client its own ranks, which it sends back
+    assert rec["bytes_up"] == sum(b["up"] for b in rec["bytes"].values())
+
+
+def _rank_shapes(d: Path, k: int):
+    """(rank, (out, in)) of every module of client k, rebuilt from the run's config and model."""
+    from flexlora.engines.federation import Federation
+
+    fed = Federation(load_config(d / "config.toml"), d, resume=True, progress=False, log=lambda m: None)
+    spec = fed.client_spec(k)
+    return [(spec.ranks[m], fed.shapes[m]) for m in fed.shapes]
+
+
+def test_fp16_wire_halves_the_bytes(tmp_path: Path) -> None:
+    r32, _ = _flower(tmp_path, "a", ["rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false"])
+    r16, _ = _flower(tmp_path, "b", ["rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false",
+                                     "flower.wire_dtype=float16"])
+    m32, m16 = _metrics(r32.run_dir)[-1], _metrics(r16.run_dir)[-1]
+    assert m16["bytes_up"] * 2 == m32["bytes_up"] and m16["bytes_down"] * 2 == m32["bytes_down"]
+    a, b = _adapter(r32.run_dir), _adapter(r16.run_dir)
+    # fp16 rounding changes the result a little, not a lot.
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    scale = max(float(a[k].abs().max()) for k in a)
+    assert 0 < diff < 0.05 * scale, (diff, scale)
+
+
+def test_nodes_declare_type_ranks_or_budget(tmp_path: Path) -> None:
+    from flexlora.engines.federation import Federation
+
+    fed = Federation(load_config(None, [*TINY, "rounds=1"]), tmp_path / "probe", progress=False, log=lambda m: None)
+    types = [t for t in __import__("flexlora.engines.federation", fromlist=["x"]).client_types_for(fed.cfg)]
+    budget_type = types_from_budget([types[1].trainable_params(fed.shapes, fed.groups) + 1], fed.shapes,
+                                    types=types, groups=fed.groups)[0]
+    assert budget_type.name == "type2"
+    nodes = [
+        {"partition-id": 0, "client-type": "type3"},
+        {"partition-id": 1, "ranks": "3,5"},
+        {"partition-id": 2, "budget": float(types[1].trainable_params(fed.shapes, fed.groups) + 1)},
+        {"partition-id": 3},
+    ]
+    res, _ = _flower(tmp_path, "caps", ["rounds=1", "clients_per_round=4", "eval.every=0", "eval.baseline=false",
+                                        "eval.per_type=false"], node_configs=nodes)
+    ckpt = load_checkpoint(res.run_dir / "checkpoints")
+    names = [a[0] for a in ckpt["assignment"]]
+    assert names[:3] == ["type3", "r3-5", "type2"]
+    assert names[3] == fed.types[fed.client_type[3]].name  # undeclared: the run's own draw
+    # Client 1 really trained at ranks 3 (attention) / 5 (MLP): its upload has that size.
+    rec = _metrics(res.run_dir)[-1]
+    want = sum(4 * (3 if fed.groups[m] == "attention" else 5) * sum(s) for m, s in fed.shapes.items())
+    assert rec["bytes"]["client00001"]["up"] == want
+
+
+def test_a_silent_node_is_dropped_and_the_run_continues(tmp_path: Path) -> None:
+    logs: list[str] = []
+    # Round 2 samples clients [0, 1, 2] or similar; silence the node of the first sampled one.
+    from flexlora.engines.federation import sample_round_clients
+
+    victim = sample_round_clients(4, 3, 0, 2)[0]
+    res, _ = _flower(tmp_path, "s", ["rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false"],
+                     grid_hook=lambda g: g.silent.update({100 + victim: 2}), logs=logs)
+    rec = _metrics(res.run_dir)[-1]
+    assert [d["client"] for d in rec["dropped"]] == [f"client{victim:05d}"]
+    assert "no reply" in rec["dropped"][0]["reason"]
+    assert rec["groups"] and sum(g["clients"] for g in rec["groups"].values()) == 2
+    assert any(f"client{victim:05d} on node {100 + victim} dropped" in m for m in logs)
+
+
+def test_too_few_replies_stop_with_an_error_and_an_intact_checkpoint(tmp_path: Path) -> None:
+    silence = lambda g: g.silent.update({n: 2 for n in range(100, 104)})  # noqa: E731
+    with pytest.raises(FederationError, match=r"round 2: 0 of 3 .*min_clients = 2.*--resume"):
+        _flower(tmp_path, "m", ["rounds=3", "min_clients=2", "eval.every=0", "eval.baseline=false"], grid_hook=silence)
+    ckpt = load_checkpoint(tmp_path / "m" / "checkpoints")
+    assert ckpt["round"] == 1 and ckpt["global_state"] is not None
+    # Bring the nodes back and resume: the run finishes with the adapter of an uninterrupted run.
+    grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(4)])
+    run_server(grid, {"output": str(tmp_path / "m"), "resume": True}, log=lambda m: None)
+    full, _ = _flower(tmp_path, "full", ["rounds=3", "min_clients=2", "eval.every=0", "eval.baseline=false"])
+    a, b = _adapter(tmp_path / "m"), _adapter(full.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fault,reason", [
+    ("nan", "NaN or Inf"),
+    ("shape", "expected rank"),
+    ("rank", "expected rank"),
+])
+def test_bad_replies_are_rejected_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str,
+                                          reason: str) -> None:
+    monkeypatch.setenv("FLEXLORA_TEST_FAULTS", "1")
+    from flexlora.engines.federation import sample_round_clients
+
+    victim = sample_round_clients(4, 3, 0, 2)[1]
+    nodes = [{"partition-id": i, **({"fault": f"{fault}@2"} if i == victim else {})} for i in range(4)]
+    logs: list[str] = []
+    res, _ = _flower(tmp_path, "b", ["rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false"],
+                     node_configs=nodes, logs=logs)
+    rec = _metrics(res.run_dir)[-1]
+    assert len(rec["dropped"]) == 1
+    d = rec["dropped"][0]
+    assert d["client"] == f"client{victim:05d}" and d["where"] == f"node {100 + victim}"
+    assert reason in d["reason"] and "module '" in d["reason"], d
+    assert sum(g["clients"] for g in rec["groups"].values()) == 2
+    assert torch.isfinite(torch.tensor(rec["train_loss"]))
+
+
+def test_a_node_that_raises_is_dropped_with_its_error(tmp_path: Path) -> None:
+    # Two nodes claim partition 1 is refused at discovery; a node of a partition outside the
+    # run is ignored; a node without partition-id answers with an error.
+    nodes = [{"partition-id": 0}, {"partition-id": 1}, {"partition-id": 2}, {"partition-id": 3},
+             {"partition-id": 1}, {"partition-id": 9}, {}]
+    logs: list[str] = []
+    res, _ = _flower(tmp_path, "e", ["rounds=1", "eval.every=0", "eval.baseline=false", "eval.per_type=false"],
+                     node_configs=nodes, logs=logs)
+    text = "\n".join(logs)
+    assert "claims partition 1, already held by node 101" in text
+    assert "partition-id 9 is outside" in text
+    assert "no partition-id" in text
+    assert "dropped" not in _metrics(res.run_dir)[-1]
