@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_FEDERATION_FAILED = 3
 
 
 def _log(msg: str) -> None:
@@ -29,6 +30,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue a killed or finished run from its last checkpoint (only `rounds` may change)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    run.add_argument("--engine", choices=("local", "flower-sim", "flower-inprocess"), default="local",
+                     help="local: this process (default); flower-sim: Flower's Ray simulation with one virtual "
+                          "SuperNode per client (needs flexlora[flower]); flower-inprocess: the Flower ServerApp and "
+                          "ClientApps in this process, without Ray (for debugging). For real deployments see "
+                          "README 'Running on many machines'.")
 
     ev = sub.add_parser("eval", help="evaluate a run's global model on the unseen tasks")
     ev.add_argument("run_dir", type=Path)
@@ -70,8 +76,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = args.output or default_run_dir()
-    sim = Simulation(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress, log=_log)
-    result = sim.run()
+    resume = args.resume is not None
+    if args.engine == "local":
+        result = Simulation(cfg, run_dir, resume=resume, progress=not args.no_progress, log=_log).run()
+    elif args.engine == "flower-sim":
+        from flexlora.engines.flower.simulation import run_flower_simulation
+
+        result = run_flower_simulation(cfg, run_dir, resume=resume, log=_log)
+    else:
+        from flexlora.engines.flower.inprocess import run_inprocess
+
+        result = run_inprocess(cfg, run_dir, resume=resume, log=_log)
     print(result.summary)
     return 0
 
@@ -124,11 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     from flexlora.data.errors import DataError
     from flexlora.engines.checkpoint import CheckpointError
     from flexlora.engines.config import ConfigError
+    from flexlora.engines.federation import FederationError
 
     handlers = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "config": cmd_config}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, AggregationError, FileNotFoundError) as exc:
+        _log(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except FederationError as exc:
+        _log(f"error: {exc}")
+        return EXIT_FEDERATION_FAILED
+    except ImportError as exc:
+        if "flwr" not in str(exc):
+            raise
         _log(f"error: {exc}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -197,3 +197,39 @@ def test_a_node_that_raises_is_dropped_with_its_error(tmp_path: Path) -> None:
     assert "partition-id 9 is outside" in text
     assert "no partition-id" in text
     assert "dropped" not in _metrics(res.run_dir)[-1]
+
+
+def _cli(args: list[str], env_extra: dict[str, str] | None = None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "flexlora.cli.main", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_server_killed_mid_run_resumes_to_the_uninterrupted_adapter(tmp_path: Path) -> None:
+    sets = [x for s in [*TINY, "rounds=3", "eval.every=2"] for x in ("--set", s)]
+    full = tmp_path / "full"
+    res = _cli(["run", *sets, "--output", str(full), "--no-progress"])  # the in-process engine
+    assert res.returncode == 0, res.stderr
+    killed = tmp_path / "killed"
+    # SIGKILL of the ServerApp after round 3's replies arrived, before they were aggregated.
+    res = _cli(["run", *sets, "--output", str(killed), "--engine", "flower-inprocess"],
+               {"FLEXLORA_SERVER_KILL_AT": "3"})
+    assert res.returncode == -9, (res.returncode, res.stderr[-2000:])
+    assert load_checkpoint(killed / "checkpoints")["round"] == 2
+    res = _cli(["run", "--resume", str(killed), "--engine", "flower-inprocess"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = _adapter(full), _adapter(killed)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert deterministic_view(_metrics(full)) == deterministic_view(_metrics(killed))
+
+
+def test_cli_reports_a_failed_federation_with_exit_3(tmp_path: Path) -> None:
+    # Every sampled client is rejected (non-finite lr makes no sense; use min_clients above the sample).
+    res = _cli(["run", *[x for s in [*TINY, "rounds=1", "min_clients=4"] for x in ("--set", s)],
+                "--output", str(tmp_path / "x"), "--engine", "flower-inprocess"])
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "min_clients = 4" in res.stderr

@@ -107,3 +107,16 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(list(self.push_messages(messages)))
+
+
+def run_inprocess(cfg: Any, run_dir: Any, *, resume: bool = False, log: Any = print) -> Any:
+    """Run ``cfg`` through the Flower ServerApp and ClientApps in this process, one virtual node
+    per client (``flexlora run --engine flower-inprocess``)."""
+    from flexlora.engines.federation import Federation
+    from flexlora.engines.flower.client_app import app as client_app
+    from flexlora.engines.flower.strategy import FlexLoRAStrategy
+
+    fed = Federation(cfg, run_dir, resume=resume, progress=False, log=log)
+    n = cfg.flower.num_supernodes or fed.num_clients
+    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": n} for i in range(n)])
+    return FlexLoRAStrategy(fed, log=log).start(grid)

@@ -137,7 +137,8 @@ class FlexLoRAStrategy(Strategy):
     def _query(self, grid: Grid, nodes: Sequence[int]) -> None:
         msgs = [Message(RecordDict(), dst_node_id=n, message_type=MSG_CAPABILITIES, ttl=max(60.0, self.round_timeout))
                 for n in nodes]
-        replies = list(grid.send_and_receive(msgs, timeout=min(60.0, self.round_timeout)))
+        # Generous: a Ray simulation's workers or a node's first import can take a while to start.
+        replies = list(grid.send_and_receive(msgs, timeout=min(300.0, self.round_timeout)))
         answered = set()
         for rep in replies:
             node = rep.metadata.src_node_id
