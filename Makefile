@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # the plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench install install-dev clean
+.PHONY: demo test test-slow bench install install-dev clean flower-demo
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,12 @@ bench: $(VENV)/.base
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build dist src/*.egg-info
+
+# A real Flower deployment on 127.0.0.1 (SuperLink + 3 SuperNodes of three client types,
+# builtin:tiny-llama, 2 rounds) into runs/flower-demo; every process is stopped by PID on exit.
+flower-demo: $(VENV)/.dev
+	rm -rf runs/flower-demo runs/flower-demo.logs
+	PY=$(PY) TIMEOUT=280 bash scripts/flower-loopback.sh runs/flower-demo \
+	  "partition-id=0 client-type='type1'" "partition-id=1 client-type='type2'" "partition-id=2 client-type='type3'" \
+	  -- "set='model=\"builtin:tiny-llama\";rounds=2;num_clients=3;clients_per_round=3;local_steps=4;data_options.max_per_task=8;eval.max_tasks=2;eval.max_examples_per_task=4;eval.max_new_tokens=8'"
+	$(PY) scripts/check_run_dir.py runs/flower-demo --rounds 2 --clients 3
