@@ -1,0 +1,83 @@
+"""A real Flower deployment on 127.0.0.1 (SuperLink, SuperNodes and `flwr run .` as separate
+processes, through scripts/flower-loopback.sh): the same adapter and metrics as the in-process
+engine, and a node whose ClientApp is SIGKILLed mid-round is dropped while the run goes on.
+
+Slow (each round starts a ClientApp process per node); every process is stopped by PID by the
+script's trap, which the test triggers with SIGTERM if the run overruns its time bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from flower_common import TINY
+from safetensors.torch import load_file
+
+from flexlora.engines.config import load_config
+from flexlora.engines.federation import deterministic_view, sample_round_clients
+from flexlora.engines.simulation import Simulation
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _deploy(out: Path, node_configs: list[str], sets: list[str], env_extra: dict[str, str], port: int,
+            limit: float = 420) -> subprocess.CompletedProcess:
+    set_value = ";".join(s.replace('"', '\\"') for s in sets)
+    cmd = ["bash", str(ROOT / "scripts" / "flower-loopback.sh"), str(out), *node_configs, "--",
+           f'set="{set_value}"']
+    env = {**os.environ, "PY": str(Path(os.sys.executable)), "FLEXLORA_BASE_PORT": str(port),
+           "TIMEOUT": str(int(limit - 20)), **env_extra}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        stdout, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the script's trap stops its SuperLink and SuperNodes by PID
+        stdout, _ = proc.communicate(timeout=30)
+        pytest.fail(f"the deployment did not finish within {limit}s:\n{stdout[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
+
+
+def _adapter(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(d / "adapter" / "adapter_model.safetensors"))
+
+
+def _metrics(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _quoted(sets: list[str]) -> list[str]:
+    # TOML strings for the values that are bare words (model names).
+    return [s if not s.startswith("model=") else f"model='{s.split('=', 1)[1]}'" for s in sets]
+
+
+def test_loopback_deployment_matches_the_in_process_engine(tmp_path: Path) -> None:
+    sets = [*TINY, "rounds=2"]
+    local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
+    local.run()
+    out = tmp_path / "deployed"
+    res = _deploy(out, [f"partition-id={i}" for i in range(4)], _quoted(sets), {}, port=19290)
+    assert res.returncode == 0, res.stdout[-4000:]
+    a, b = _adapter(local.run_dir), _adapter(out)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert max(float(t.abs().max()) for t in a.values()) > 0
+    assert deterministic_view(_metrics(local.run_dir)) == deterministic_view(_metrics(out))
+
+
+def test_a_node_killed_mid_round_is_dropped_and_the_run_continues(tmp_path: Path) -> None:
+    victim = sample_round_clients(4, 3, 0, 2)[0]
+    nodes = [f"partition-id={i}" + (" fault='kill@2'" if i == victim else "") for i in range(4)]
+    sets = [*TINY, "rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false", "flower.round_timeout=120"]
+    out = tmp_path / "crash"
+    res = _deploy(out, nodes, _quoted(sets), {"FLEXLORA_TEST_FAULTS": "1"}, port=19390)
+    assert res.returncode == 0, res.stdout[-4000:]
+    rec = _metrics(out)[-1]
+    assert [d["client"] for d in rec.get("dropped", [])] == [f"client{victim:05d}"], rec.get("dropped")
+    assert "dropped from this round" in res.stdout
+    assert sum(g["clients"] for g in rec["groups"].values()) == 2
