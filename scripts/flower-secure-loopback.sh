@@ -45,6 +45,10 @@ default = "secure"
 [superlink.secure]
 address = "127.0.0.1:$BASE"
 root-certificates = "$KEYS/ca.crt"
+
+[superlink.plaintext]
+address = "127.0.0.1:$BASE"
+insecure = true
 TOML
 
 "$BIN/flower-superlink" --host 127.0.0.1 --port "$BASE" --ssl-ca-certfile "$KEYS/ca.crt" \
@@ -66,5 +70,7 @@ RUNCFG=(--run-config "output='$OUT'")
 for e in "${EXTRA[@]}"; do RUNCFG+=(--run-config "$e"); done
 timeout "$TIMEOUT" "$BIN/flwr" run . secure "${RUNCFG[@]}" --stream 2>&1 | tee "$LOGS/flwr-run.log"
 "$BIN/flwr" supernode list secure --format json > "$LOGS/supernodes.json" 2>&1 || true
+# The SuperLink speaks TLS only: a plaintext client must fail (its exit status is recorded).
+set +e; timeout 60 "$BIN/flwr" supernode list plaintext > "$LOGS/plaintext.log" 2>&1; echo "exit $?" >> "$LOGS/plaintext.log"; set -e
 test -f "$OUT/adapter/adapter_model.safetensors" || { echo "no adapter in $OUT; logs in $LOGS" >&2; exit 1; }
 echo "run directory: $OUT (logs: $LOGS)"

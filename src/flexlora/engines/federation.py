@@ -56,7 +56,7 @@ from flexlora.engines.checkpoint import (
 from flexlora.engines.config import RunConfig, to_toml
 from flexlora.engines.outputs import TensorBoardLog, plot_curves, summary_table, write_metrics
 from flexlora.training.adapter import client_adapter
-from flexlora.training.client import ClientSpec, ClientTask, EncodingOptions, factor_bytes
+from flexlora.training.client import ClientSpec, ClientTask, EncodingOptions
 from flexlora.training.evaluate import eval_loss, evaluate_generation
 from flexlora.training.export import save_merged_model, save_peft_adapter
 from flexlora.training.local import LocalTrainConfig

@@ -81,3 +81,36 @@ def test_a_node_killed_mid_round_is_dropped_and_the_run_continues(tmp_path: Path
     assert [d["client"] for d in rec.get("dropped", [])] == [f"client{victim:05d}"], rec.get("dropped")
     assert "dropped from this round" in res.stdout
     assert sum(g["clients"] for g in rec["groups"].values()) == 2
+
+
+def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
+    """Over Flower's TLS (a CA and server certificate made for this test) with SuperNode
+    authentication on: the registered node trains, the unregistered one is refused, and a
+    plaintext client cannot talk to the SuperLink."""
+    out = tmp_path / "secure"
+    sets = ["model='builtin:tiny-llama'", "rounds=1", "num_clients=2", "clients_per_round=2", "local_steps=2",
+            "data_options.max_per_task=4", "eval.max_tasks=1", "eval.max_examples_per_task=2",
+            "eval.max_new_tokens=4", "eval.per_type=false", "flower.wait_for_nodes=15"]
+    set_value = ";".join(s.replace('"', '\\"') for s in sets)
+    cmd = ["bash", str(ROOT / "scripts" / "flower-secure-loopback.sh"), str(out), "--", f'set="{set_value}"']
+    env = {**os.environ, "PY": str(Path(os.sys.executable)), "FLEXLORA_BASE_PORT": "19490", "TIMEOUT": "240"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        stdout, _ = proc.communicate(timeout=330)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=30)
+        pytest.fail(f"the secure deployment did not finish in time:\n{stdout[-3000:]}")
+    assert proc.returncode == 0, stdout[-4000:]
+    logs = Path(f"{out}.logs")
+    assert "--insecure" not in (ROOT / "scripts" / "flower-secure-loopback.sh").read_text()
+    nodes = json.loads((logs / "supernodes.json").read_text())["nodes"]
+    assert len(nodes) == 1 and nodes[0]["status"] == "online"  # only the registered node joined
+    intruder = (logs / "supernode-intruder.log").read_text()
+    assert "Failed to activate SuperNode" in intruder or "Exit Code: 305" in intruder, intruder[-2000:]
+    plaintext = (logs / "plaintext.log").read_text()
+    assert not plaintext.rstrip().endswith("exit 0"), plaintext
+    rec = _metrics(out)[-1]
+    assert [d["client"] for d in rec["dropped"]] == ["client00001"]  # the intruder's partition
+    assert "client00000" in rec["bytes"] and rec["bytes"]["client00000"]["up"] > 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,120 @@
+"""The wire format decodes what it encodes and rejects garbage by name; flwr stays inside the engine."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+import flexlora
+from flexlora.core.types import ClientUpdate
+from flexlora.engines.flower.wire import (
+    WireError,
+    content_task,
+    decode_reply,
+    factors_to_record,
+    record_nbytes,
+    record_to_factors,
+    reply_content,
+    task_content,
+)
+from flexlora.training.client import ClientSpec, ClientTask, factor_bytes
+
+PKG = Path(flexlora.__file__).resolve().parent
+
+
+def _factors(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {"layers.0.q_proj": (torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)),
+            "layers.0.up_proj": (torch.randn(2, 7, generator=g), torch.randn(9, 2, generator=g))}
+
+
+def test_fp32_round_trip_is_exact_and_bytes_match_factor_bytes() -> None:
+    f = _factors()
+    rec = factors_to_record(f)
+    back = record_to_factors(rec)
+    assert back.keys() == f.keys()
+    for m in f:
+        assert torch.equal(back[m][0], f[m][0]) and torch.equal(back[m][1], f[m][1])
+    assert record_nbytes(rec) == factor_bytes(f) == 4 * (3 * 7 + 5 * 3 + 2 * 7 + 9 * 2)
+
+
+def test_fp16_and_bf16_are_cast() -> None:
+    f = {m: (a.to(torch.bfloat16), b.to(torch.bfloat16)) for m, (a, b) in _factors().items()}
+    rec32 = factors_to_record(f)  # bf16 cannot travel: cast to fp32 exactly
+    assert all(np.dtype(a.dtype) == np.float32 for a in rec32.values())
+    rec16 = factors_to_record(_factors(), "float16")
+    assert record_nbytes(rec16) * 2 == record_nbytes(factors_to_record(_factors()))
+    back = record_to_factors(rec16)
+    assert back["layers.0.q_proj"][0].dtype == torch.float32
+    assert torch.allclose(back["layers.0.q_proj"][0], _factors()["layers.0.q_proj"][0], atol=1e-2)
+
+
+def test_task_and_reply_round_trip() -> None:
+    spec = ClientSpec("client00003", {"layers.0.q_proj": 3, "layers.0.up_proj": 2}, 16.0, "type2")
+    task = ClientTask(round=4, client=3, spec=spec, init=_factors(), seed=123, hetlora=(1e-3, 0.99))
+    got, toml, dtype = content_task(task_content(task, "rounds = 4\n"))
+    assert (got.round, got.client, got.seed, got.hetlora, got.spec) == (4, 3, 123, (1e-3, 0.99), spec)
+    assert toml == "rounds = 4\n" and dtype == "float32" and got.base_delta is None
+    assert torch.equal(got.init["layers.0.up_proj"][1], _factors()["layers.0.up_proj"][1])
+    upd = ClientUpdate(_factors(1), num_examples=11, alpha=16.0, client_id="client00003")
+    u, loss, steps, up = decode_reply(reply_content(upd, 1.25, 7))
+    assert (u.num_examples, u.alpha, u.client_id, loss, steps, up) == (11, 16.0, "client00003", 1.25, 7,
+                                                                        factor_bytes(upd.factors))
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda c: c.array_records.pop("update"), "without its 'update'"),
+    (lambda c: c.metric_records["metrics"].pop("num-examples"), "missing field 'num-examples'"),
+    (lambda c: c.array_records["update"].__setitem__("junk", Array(np.zeros((2, 2), np.float32))), "junk"),
+    (lambda c: c.array_records["update"].pop("layers.0.q_proj::B"), "only factor A"),
+    (lambda c: c.array_records["update"].__setitem__("layers.0.q_proj::A", Array(np.zeros(3, np.float32))),
+     "expected a 2-D factor"),
+    (lambda c: c.array_records["update"].__setitem__("layers.0.q_proj::A", Array(np.zeros((3, 7), np.int64))),
+     "floating-point"),
+    (lambda c: c.config_records["meta"].__setitem__("alpha", "sixteen"), "'alpha'"),
+])
+def test_malformed_replies_raise_wire_errors(mutate, match: str) -> None:
+    content = reply_content(ClientUpdate(_factors(), num_examples=3, alpha=16.0), 1.0, 1)
+    mutate(content)
+    with pytest.raises(WireError, match=match):
+        decode_reply(content)
+
+
+def test_garbage_array_bytes_are_a_wire_error() -> None:
+    rec = ArrayRecord()
+    rec["m::A"] = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=b"\x00garbage")
+    rec["m::B"] = Array(np.zeros((2, 2), np.float32))
+    with pytest.raises(WireError, match="cannot be read"):
+        record_to_factors(rec)
+    with pytest.raises(WireError, match="'task' ConfigRecord"):
+        content_task(RecordDict({"x": ConfigRecord({"a": 1})}))
+    with pytest.raises(WireError, match="metrics"):
+        decode_reply(RecordDict({"update": factors_to_record(_factors()), "m": MetricRecord({"a": 1})}))
+
+
+def _imports(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append(node.module)
+    return out
+
+
+def test_only_the_flower_engine_imports_flwr_and_the_federation_imports_no_engine() -> None:
+    flower_dir = PKG / "engines" / "flower"
+    for path in PKG.rglob("*.py"):
+        names = _imports(path)
+        if flower_dir not in path.parents:
+            assert not any(n.split(".")[0] == "flwr" for n in names), f"{path} imports flwr"
+    fed = _imports(PKG / "engines" / "federation.py")
+    assert not any(n.startswith(("flexlora.engines.simulation", "flexlora.engines.flower", "flexlora.cli"))
+                   for n in fed), fed
+    # guard: the check sees flwr imports where they are
+    assert any(n.startswith("flwr") for n in _imports(flower_dir / "strategy.py"))
