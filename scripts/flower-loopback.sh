@@ -9,7 +9,9 @@
 #   scripts/flower-loopback.sh runs/flower-demo "partition-id=0 client-type='type1'" \
 #       "partition-id=1 client-type='type2'" "partition-id=2 client-type='type3'" \
 #       -- "set='model=\"builtin:tiny-llama\";rounds=2'"
-# Environment: PY (default .venv/bin/python), FLEXLORA_BASE_PORT (default 19090), TIMEOUT (s, default 600).
+# Environment: PY (default .venv/bin/python), FLEXLORA_BASE_PORT (default 19090), TIMEOUT (s, default 600),
+# RESUME_ON_FAILURE=1: when the run ends without an adapter (e.g. its ServerApp was killed), start it
+# once more with resume=true on the same SuperLink and SuperNodes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/flower-env.sh
@@ -55,9 +57,15 @@ for nc in "${NODES[@]}"; do
   PIDS+=($!)
   i=$((i + 1))
 done
+echo "${PIDS[@]}" > "$LOGS/pids"  # superlink, then one per SuperNode in order (for fault-injection tests)
 sleep 3
 RUNCFG=(--run-config "output='$OUT'")
 for e in "${EXTRA[@]}"; do RUNCFG+=(--run-config "$e"); done
-timeout "$TIMEOUT" "$BIN/flwr" run . loopback "${RUNCFG[@]}" --stream 2>&1 | tee "$LOGS/flwr-run.log"
+timeout "$TIMEOUT" "$BIN/flwr" run . loopback "${RUNCFG[@]}" --stream 2>&1 | tee "$LOGS/flwr-run.log" || true
+if [[ "${RESUME_ON_FAILURE:-0}" == 1 && ! -f "$OUT/adapter/adapter_model.safetensors" ]]; then
+  echo "the run stopped without an adapter; resuming it from its checkpoint" | tee -a "$LOGS/flwr-run.log"
+  timeout "$TIMEOUT" "$BIN/flwr" run . loopback --run-config "output='$OUT' resume=true" --stream 2>&1 \
+    | tee "$LOGS/flwr-resume.log" || true
+fi
 test -f "$OUT/adapter/adapter_model.safetensors" || { echo "no adapter in $OUT; logs in $LOGS" >&2; exit 1; }
 echo "run directory: $OUT (logs: $LOGS)"

@@ -267,7 +267,9 @@ class Federation:
 
     def _make_aggregator(self) -> None:
         cfg = self.cfg
-        self.max_rank = max(max(r.values()) for r in self._type_ranks)
+        # Over the types some client holds (a node's declared type may replace the run's draw).
+        used = [self._type_ranks[i] for i in sorted(set(self.client_type))]
+        self.max_rank = max(max(r.values()) for r in used)
         agg_opts = dict(cfg.aggregator_options)
         if cfg.aggregator.lower() == "flexlora":
             agg_opts.setdefault("max_rank", self.max_rank)
@@ -276,7 +278,7 @@ class Federation:
         if cfg.export.rank:
             self.export_ranks = {m: min(cfg.export.rank, *s) for m, s in self.shapes.items()}
         else:  # the largest client rank of each module
-            self.export_ranks = {m: max(r[m] for r in self._type_ranks) for m in self.shapes}
+            self.export_ranks = {m: max(r[m] for r in used) for m in self.shapes}
 
     def set_client_type(self, k: int, client_type: ClientType) -> None:
         """Give client ``k`` the resource type its node declared (Flower's capability query).
