@@ -20,7 +20,7 @@ from flower_common import TINY
 from safetensors.torch import load_file
 
 from flexlora.engines.config import load_config
-from flexlora.engines.federation import deterministic_view, sample_round_clients
+from flexlora.engines.federation import deterministic_view
 from flexlora.engines.simulation import Simulation
 
 pytestmark = pytest.mark.slow
