@@ -363,6 +363,18 @@ class Federation:
             raise CheckpointError(
                 f"checkpoint {self.run_dir / 'checkpoints'} is malformed ({exc!r}); delete it to restart the run"
             ) from exc
+        # The checkpoint's rank assignment is the run's (on Flower it came from the nodes), so that
+        # `flexlora eval`/`export` and a resumed run use the ranks the clients really had.
+        if self._restored_assignment != self._assignment():
+            if len(self._restored_assignment) != self.num_clients:
+                raise CheckpointError("the checkpoint's rank assignment has a different number of clients")
+            for k, (name, att, mlp, alpha) in enumerate(self._restored_assignment):
+                t = ClientType(name, att, mlp, alpha)
+                if t not in self.types:
+                    self.types.append(t)
+                    self._type_ranks.append(t.module_ranks(self.shapes, self.groups))
+                self.client_type[k] = self.types.index(t)
+            self._make_aggregator()
         self.log(f"resuming {self.run_dir} after round {ckpt['round']}")
 
     def _check_restored_assignment(self) -> None:

@@ -72,7 +72,7 @@ def test_loopback_deployment_matches_the_in_process_engine(tmp_path: Path) -> No
 
 def test_killed_and_slow_nodes_are_dropped_and_the_run_continues(tmp_path: Path) -> None:
     """Round 2 samples all four clients: one node's ClientApp SIGKILLs itself mid-training, one
-    sleeps past the 60 s round timeout, one SuperNode process is SIGKILLed by PID from outside as
+    sleeps past the 90 s round timeout, one SuperNode process is SIGKILLed by PID from outside as
     round 2 starts; the fourth trains, and the run finishes."""
     import threading
     import time
@@ -80,10 +80,10 @@ def test_killed_and_slow_nodes_are_dropped_and_the_run_continues(tmp_path: Path)
     import torch as _torch
 
     killed, slow, dead = 0, 1, 2
-    faults = {killed: " fault='kill@2'", slow: " fault='sleep@2:150'"}
+    faults = {killed: " fault='kill@2'", slow: " fault='sleep@2:200'"}
     nodes = [f"partition-id={i}" + faults.get(i, "") for i in range(4)]
     sets = [*TINY, "clients_per_round=4", "rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false",
-            "flower.round_timeout=60"]
+            "flower.round_timeout=90"]
     out = tmp_path / "crash"
 
     def kill_a_supernode() -> None:
@@ -102,7 +102,7 @@ def test_killed_and_slow_nodes_are_dropped_and_the_run_continues(tmp_path: Path)
     rec = _metrics(out)[-1]
     dropped = {d["client"]: d["reason"] for d in rec.get("dropped", [])}
     assert set(dropped) == {f"client{k:05d}" for k in (killed, slow, dead)}, dropped
-    assert "no reply within 60s" in dropped[f"client{slow:05d}"]
+    assert "no reply within 90s" in dropped[f"client{slow:05d}"]
     assert "dropped from this round" in res.stdout
     assert sum(g["clients"] for g in rec["groups"].values()) == 1
 

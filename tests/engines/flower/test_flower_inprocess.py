@@ -129,6 +129,12 @@ def test_nodes_declare_type_ranks_or_budget(tmp_path: Path) -> None:
     rec = _metrics(res.run_dir)[-1]
     want = sum(4 * (3 if fed.groups[m] == "attention" else 5) * sum(s) for m, s in fed.shapes.items())
     assert rec["bytes"]["client00001"]["up"] == want
+    # `flexlora eval`/`export` rebuild the run from its directory: they see the nodes' ranks.
+    again = Federation(load_config(res.run_dir / "config.toml"), res.run_dir, resume=True, progress=False,
+                       log=lambda m: None)
+    assert [again.client_spec(k).type_name for k in range(3)] == ["type3", "r3-5", "type2"]
+    assert again.export_ranks == {m: max(r[m] for r in (again.client_spec(k).ranks for k in range(4)))
+                                  for m in again.shapes}
 
 
 def test_a_silent_node_is_dropped_and_the_run_continues(tmp_path: Path) -> None:
