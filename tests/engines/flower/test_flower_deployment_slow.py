@@ -177,3 +177,20 @@ def test_serverapp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp_path:
     a, b = _adapter(local.run_dir), _adapter(out)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert deterministic_view(_metrics(local.run_dir)) == deterministic_view(_metrics(out))
+
+
+def test_bad_reply_rejected_and_min_clients_enforced_on_loopback(tmp_path: Path) -> None:
+    """A node that sends NaN factors is rejected by name (node and module); with min_clients = 3 the
+    round cannot go on, so the run stops with a clear error and the round-1 checkpoint intact."""
+    import torch as _torch
+
+    nodes = [f"partition-id={i}" + (" fault='nan@2'" if i == 0 else "") for i in range(4)]
+    sets = [*TINY, "clients_per_round=4", "rounds=2", "min_clients=4", "eval.every=0", "eval.baseline=false",
+            "eval.per_type=false"]
+    out = tmp_path / "bad"
+    res = _deploy(out, nodes, _quoted(sets), {"FLEXLORA_TEST_FAULTS": "1"}, port=19690)
+    assert res.returncode != 0  # no adapter: the run stopped
+    assert "client00000 on node" in res.stdout and "NaN or Inf" in res.stdout and "module '" in res.stdout
+    assert "min_clients = 4" in res.stdout and "--resume" in res.stdout
+    ckpt = _torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["round"] == 1 and ckpt["global_state"] is not None

@@ -82,6 +82,7 @@ class FlexLoRAStrategy(Strategy):
         self._run_config = to_toml(federation.cfg)
         self._sent: dict[int, ClientTask] = {}  # node id -> the task sent to it this round
         self._down: dict[int, int] = {}
+        self._unplaced: list[ClientTask] = []  # tasks of this round whose client has no node
         self.last_record: dict[str, Any] | None = None
         kill = os.environ.get("FLEXLORA_SERVER_KILL_AT")  # test hook: SIGKILL after round R's replies
         self._kill_at = int(kill) if kill else None
