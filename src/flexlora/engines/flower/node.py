@@ -14,9 +14,12 @@ A node's identity comes from its ``node_config``:
 
 The base model and the data are loaded once per process and reused across rounds and runs with
 the same settings: they live in this module's state (``_MODELS``, ``_DATA``), which persists for
-the life of the SuperNode's ClientApp process. Module state rather than the ClientApp lifespan,
-because the lifespan is entered around every single message, and a model load per message would
-cost seconds each round.
+the life of the ClientApp's process. Module state rather than the ClientApp lifespan, because the
+lifespan is entered around every single message. In Flower's Ray simulation the process (a Ray
+actor) lives for the whole run, so the model is loaded once. A SuperNode in its default
+``--isolation subprocess`` mode, however, starts a fresh ``flwr-clientapp`` process for every
+message (measured: one per capability query and per round), so there the model is loaded again
+each round; a long-lived ClientApp (``--isolation process``) would keep it, and is not set up yet.
 """
 
 from __future__ import annotations
