@@ -15,8 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/flower-env.sh
-BIN="$(realpath "$(dirname "${PY:-.venv/bin/python}")")"
-export PATH="$BIN:$PATH"  # the SuperLink and SuperNodes start flower-superexec / flwr-clientapp from PATH
+source scripts/flower-procs.sh
 BASE="${FLEXLORA_BASE_PORT:-19090}"
 TIMEOUT="${TIMEOUT:-600}"
 OUT="$(realpath -m "$1")"; shift
@@ -24,19 +23,6 @@ NODES=(); while [[ $# -gt 0 && "$1" != "--" ]]; do NODES+=("$1"); shift; done
 [[ $# -gt 0 ]] && shift
 EXTRA=("$@")
 LOGS="$OUT.logs"; mkdir -p "$LOGS"
-PIDS=()
-# The SuperLink and SuperNodes start flower-superexec, flwr-serverapp and flwr-clientapp children in
-# new sessions; the whole tree is collected (by parent PID) before anything is signalled, so that no
-# child is orphaned and missed.
-tree() { local p; for p in "$@"; do echo "$p"; tree $(ps -o pid= --ppid "$p" 2>/dev/null); done; }
-cleanup() {
-  local all; all=$(tree "${PIDS[@]}" | sort -u)
-  [[ -n "$all" ]] && kill -TERM $all 2>/dev/null || true
-  sleep 1
-  [[ -n "$all" ]] && kill -KILL $all 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
 
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]

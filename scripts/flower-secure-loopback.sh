@@ -10,24 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/flower-env.sh
-BIN="$(realpath "$(dirname "${PY:-.venv/bin/python}")")"
-export PATH="$BIN:$PATH"
+source scripts/flower-procs.sh
 BASE="${FLEXLORA_BASE_PORT:-19490}"
 TIMEOUT="${TIMEOUT:-600}"
 OUT="$(realpath -m "$1")"; shift
 [[ $# -gt 0 && "$1" == "--" ]] && shift
 EXTRA=("$@")
 LOGS="$OUT.logs"; KEYS="$OUT.keys"; mkdir -p "$LOGS" "$KEYS"
-PIDS=()
-tree() { local p; for p in "$@"; do echo "$p"; tree $(ps -o pid= --ppid "$p" 2>/dev/null); done; }
-cleanup() {
-  local all; all=$(tree "${PIDS[@]}" | sort -u)
-  [[ -n "$all" ]] && kill -TERM $all 2>/dev/null || true
-  sleep 1
-  [[ -n "$all" ]] && kill -KILL $all 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
 
 # Certificates (valid 2 days) and node keys, made fresh for this run.
 openssl req -x509 -newkey rsa:2048 -nodes -keyout "$KEYS/ca.key" -out "$KEYS/ca.crt" -days 2 \
