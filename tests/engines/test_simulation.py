@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from engine_common import TINY, run_cli
 from safetensors.torch import load_file
 
 from flexlora.engines.checkpoint import CheckpointError, load_checkpoint
 from flexlora.engines.config import load_config
 from flexlora.engines.simulation import Simulation, deterministic_view, sample_round_clients
-
-TINY = [
-    "model=builtin:tiny-llama",
-    "num_clients=4",
-    "clients_per_round=3",
-    "local_steps=3",
-    "data_options.max_per_task=6",
-    "train.micro_batch_size=2",
-    "train.lr=5e-3",
-    "train.cutoff_len=96",
-    "eval.max_tasks=2",
-    "eval.max_examples_per_task=2",
-    "eval.max_new_tokens=4",
-    "lora.types=[[2, 4], [4, 8], [8, 16]]",
-]
 
 
 def _cfg(*extra: str):
@@ -134,25 +117,19 @@ def test_corrupted_checkpoint_is_reported(tmp_path: Path) -> None:
         load_checkpoint(sim.run_dir / "checkpoints")
 
 
-def _cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "flexlora.cli.main", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
-
-
 def test_resume_after_kill_is_bit_exact(tmp_path: Path) -> None:
     sets = [x for s in [*TINY, "rounds=3", "eval.every=2"] for x in ("--set", s)]
     full = tmp_path / "full"
-    res = _cli(["run", *sets, "--output", str(full), "--no-progress"])
+    res = run_cli(["run", *sets, "--output", str(full), "--no-progress"])
     assert res.returncode == 0, res.stderr
 
     killed = tmp_path / "killed"
     # SIGKILL in the middle of round 3, after its second client trained: round 3 is lost and
     # must be redone from the round-2 checkpoint.
-    res = _cli(["run", *sets, "--output", str(killed), "--no-progress"], {"FLEXLORA_KILL_AT": "3:2"})
+    res = run_cli(["run", *sets, "--output", str(killed), "--no-progress"], {"FLEXLORA_KILL_AT": "3:2"})
     assert res.returncode == -9, (res.returncode, res.stderr)
     assert load_checkpoint(killed / "checkpoints")["round"] == 2
-    res = _cli(["run", "--resume", str(killed), "--no-progress"])
+    res = run_cli(["run", "--resume", str(killed), "--no-progress"])
     assert res.returncode == 0, res.stderr
 
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
@@ -187,7 +164,7 @@ def test_peft_export_matches_the_engine_global_model(tmp_path: Path) -> None:
 
 
 def test_cli_bad_config_exits_2(tmp_path: Path) -> None:
-    res = _cli(["run", "--set", "roundz=3", "--output", str(tmp_path / "z")])
+    res = run_cli(["run", "--set", "roundz=3", "--output", str(tmp_path / "z")])
     assert res.returncode == 2
     assert "unknown config key 'roundz'" in res.stderr
     assert not (tmp_path / "z").exists()

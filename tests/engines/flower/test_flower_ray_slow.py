@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_common import TINY
+from engine_common import TINY
 from safetensors.torch import load_file
 
 from flexlora.engines.config import load_config

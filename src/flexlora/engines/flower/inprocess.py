@@ -45,6 +45,9 @@ class InProcessGrid(Grid):
         Test hook: from that round on the node sends no reply (a crash, or a timeout).
     offline : set of node ids
         Nodes that ``get_node_ids`` no longer lists.
+    unavailable : dict node id -> round
+        Test hook: from that round on, messages to the node are answered by the SuperLink (node
+        id 1) with ``NODE_UNAVAILABLE``, as a real SuperLink does for a node that died.
     """
 
     def __init__(self, client_app: ClientApp, node_configs: Sequence[Mapping[str, Any]],
@@ -58,6 +61,7 @@ class InProcessGrid(Grid):
         }
         self.silent: dict[int, int] = {}
         self.offline: set[int] = set()
+        self.unavailable: dict[int, int] = {}
         self._ids = itertools.count(1)
         self._replies: dict[str, Message] = {}
         self.messages_sent = 0
@@ -90,7 +94,13 @@ class InProcessGrid(Grid):
             group = msg.metadata.group_id
             if node not in self.contexts or node in self.offline:
                 continue
-            if node in self.silent and group.isdigit() and int(group) >= self.silent[node]:
+            rnd = int(group) if group.isdigit() else 0
+            if node in self.silent and rnd >= self.silent[node]:
+                continue
+            if node in self.unavailable and rnd >= self.unavailable[node]:
+                reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "the node is offline"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SERVER_NODE_ID
+                self._replies[mid] = reply
                 continue
             try:
                 # Arrays are already serialised (numpy .npy bytes inside each Array), so the node

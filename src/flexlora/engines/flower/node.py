@@ -19,7 +19,12 @@ lifespan is entered around every single message. In Flower's Ray simulation the 
 actor) lives for the whole run, so the model is loaded once. A SuperNode in its default
 ``--isolation subprocess`` mode, however, starts a fresh ``flwr-clientapp`` process for every
 message (measured: one per capability query and per round), so there the model is loaded again
-each round; a long-lived ClientApp (``--isolation process``) would keep it, and is not set up yet.
+each round. That is the runtime's design in flwr 1.42, not a setting: ``flwr-clientapp`` pulls one
+task, runs it and exits (``flwr/supernode/runtime/run_clientapp.py``); ``--isolation process``
+only moves the launching to an external ``flower-superexec``, whose subprocess executor again
+starts one ``flwr-clientapp`` per task; and its warm executor pools serve only agent, model and
+connector apps on Kubernetes. What each message pays is therefore kept small: the model comes
+from flexlora's safetensors cache, and the cost left is importing torch and transformers.
 """
 
 from __future__ import annotations
