@@ -10,6 +10,7 @@ Every reference here is written independently of :mod:`flexlora.core`: it forms 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
@@ -29,6 +30,7 @@ def make_update(
     dtype: torch.dtype = torch.float32,
     scale: float = 1.0,
     client_id: str | None = None,
+    rslora: bool = False,
 ) -> ClientUpdate:
     """A client update with Gaussian factors ``A: r x in``, ``B: out x r`` for every module."""
     factors = {}
@@ -37,7 +39,7 @@ def make_update(
         A = torch.randn(r, in_f, generator=gen, dtype=torch.float64).to(dtype)
         B = (scale * torch.randn(out_f, r, generator=gen, dtype=torch.float64)).to(dtype)
         factors[m] = (A, B)
-    return ClientUpdate(factors, num_examples=num_examples, alpha=alpha, client_id=client_id)
+    return ClientUpdate(factors, num_examples=num_examples, alpha=alpha, client_id=client_id, rslora=rslora)
 
 
 def weights(updates: Sequence[ClientUpdate]) -> list[float]:
@@ -47,14 +49,15 @@ def weights(updates: Sequence[ClientUpdate]) -> list[float]:
 
 
 def client_product(update: ClientUpdate, module: str) -> torch.Tensor:
-    """``(alpha_k / r_k) B_k A_k`` in float64."""
+    """``(alpha_k / r_k) B_k A_k`` in float64; ``(alpha_k / sqrt(r_k)) B_k A_k`` for an rsLoRA client."""
     A, B = update.factors[module]
     r = A.shape[0]
-    return (float(update.alpha) / r) * (B.double() @ A.double())
+    denom = math.sqrt(r) if update.rslora else r
+    return (float(update.alpha) / denom) * (B.double() @ A.double())
 
 
 def reference_dense(updates: Sequence[ClientUpdate], module: str) -> torch.Tensor:
-    """Naive ``sum_k p_k (alpha_k / r_k) B_k A_k`` in float64."""
+    """Naive ``sum_k p_k s_k B_k A_k`` in float64, ``s_k`` each client's own scaling."""
     p = weights(updates)
     return sum(pk * client_product(u, module) for pk, u in zip(p, updates))
 
@@ -80,12 +83,15 @@ def relative_gap(M: torch.Tensor, r: int) -> float:
     return float((S[r - 1] - S[r]) / S[0])
 
 
-def effective(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], alpha: float | Mapping[str, float]):
-    """``{module: (alpha / r) B A}`` in float64 for distributed factors."""
+def effective(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], alpha: float | Mapping[str, float], *, rslora: bool = False
+):
+    """``{module: (alpha / r) B A}`` in float64 for distributed factors (``alpha / sqrt(r)`` with ``rslora``)."""
     out = {}
     for m, (A, B) in factors.items():
         a = alpha[m] if isinstance(alpha, Mapping) else alpha
-        out[m] = (float(a) / A.shape[0]) * (B.double() @ A.double())
+        r = A.shape[0]
+        out[m] = (float(a) / (math.sqrt(r) if rslora else r)) * (B.double() @ A.double())
     return out
 
 
@@ -97,9 +103,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def draw_round(data, *, max_dim: int = 40, max_clients: int = 5, max_modules: int = 3, dtype=torch.float32):
+def draw_round(
+    data, *, max_dim: int = 40, max_clients: int = 5, max_modules: int = 3, dtype=torch.float32,
+    rslora: bool | None = False,
+):
     """Draw a random round with hypothesis: shapes per module, ranks per client AND per module,
     alphas, num_examples, and factor magnitudes differing across clients.
+
+    ``rslora`` sets every client's scaling rule; None draws it per client (a mixed round). The
+    default draws nothing extra, so existing tests see the same examples.
 
     Returns ``(updates, shapes)``.
     """
@@ -120,7 +132,9 @@ def draw_round(data, *, max_dim: int = 40, max_clients: int = 5, max_modules: in
         alpha = data.draw(st.sampled_from([1.0, 8.0, 16.0, 32.0, 3.5]), label=f"alpha{k}")
         n = data.draw(st.integers(1, 5000), label=f"n{k}")
         scale = data.draw(st.sampled_from([1e-2, 1.0, 30.0]), label=f"scale{k}")
-        updates.append(make_update(gen, shapes, ranks, num_examples=n, alpha=alpha, dtype=dtype, scale=scale))
+        rs = data.draw(st.booleans(), label=f"rslora{k}") if rslora is None else rslora
+        updates.append(make_update(gen, shapes, ranks, num_examples=n, alpha=alpha, dtype=dtype, scale=scale,
+                                   rslora=rs))
     return updates, shapes
 
 

@@ -165,6 +165,26 @@ def test_truncate_to_factors_is_best_rank_r(gen, split, alpha):
     torch.testing.assert_close(B.abs(), (U[:, :3] * S[:3]).abs() * (3 / alpha), atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("split", ["B", "A", "sqrt"])
+@pytest.mark.parametrize("alpha", [16.0, 2.5])
+def test_truncate_to_factors_rslora_is_best_rank_r(gen, split, alpha):
+    B0, A0 = _stack(gen, 20, 15, 8, torch.float64)
+    res = svd_of_product(B0, A0)
+    U, S, Vh = torch.linalg.svd(B0 @ A0)
+    for r in (2, 4, 8, 12):  # 12 exceeds the held rank 8: padded, and the update is unchanged
+        A, B = truncate_to_factors(res, r, alpha, split=split, rslora=True)
+        assert A.shape == (r, 15) and B.shape == (20, r)
+        k = min(r, 8)
+        best = (U[:, :k] * S[:k]) @ Vh[:k]
+        torch.testing.assert_close((alpha / math.sqrt(r)) * B @ A, best, atol=1e-10, rtol=1e-10)
+        # read with the plain scaling, the same factors are off by sqrt(r), so a truncation that
+        # ignored rslora would fail the line above
+        assert float(torch.linalg.norm((alpha / r) * B @ A - best)) > 0.1 * float(torch.linalg.norm(best))
+    # paper split under rsLoRA: B = U_r S_r sqrt(r) / alpha
+    A, B = truncate_to_factors(res, 4, alpha, split="B", rslora=True)
+    torch.testing.assert_close(B.abs(), (U[:, :4] * S[:4]).abs() * (2 / alpha), atol=1e-10, rtol=1e-8)
+
+
 def test_truncate_beyond_held_rank_pads(gen):
     B0, A0 = _stack(gen, 20, 15, 4, torch.float64)
     res = svd_of_product(B0, A0)

@@ -18,7 +18,7 @@ from flexlora.core import (
     dense_update,
     get_aggregator,
 )
-from flexlora.core.types import check_rank_request, client_weights, validate_round
+from flexlora.core.types import check_rank_request, client_weights, lora_scaling, validate_round
 
 MOD = "model.layers.3.mlp.up_proj"
 OTHER = "model.layers.3.self_attn.q_proj"
@@ -47,6 +47,19 @@ def test_client_update_accessors(gen, helpers):
     assert u.rank(OTHER) == 3 and u.rank(MOD) == 5
     assert u.scale(MOD) == pytest.approx(10.0 / 5)
     assert u.label(4) == "client 4 ('bob')"
+
+
+def test_lora_scaling_plain_and_rslora(gen, helpers):
+    # The numbers: at alpha 16, rank 200 is scaled by 0.08 and rank 8 by 2 (plain LoRA).
+    assert lora_scaling(16.0, 200) == 0.08 and lora_scaling(16, 8) == 2.0
+    assert lora_scaling(16.0, 200, rslora=True) == pytest.approx(16.0 / math.sqrt(200))
+    assert lora_scaling(16.0, 8, rslora=True) == pytest.approx(16.0 / math.sqrt(8))
+    assert lora_scaling(3.0, 1, rslora=True) == lora_scaling(3.0, 1) == 3.0
+    u = helpers.make_update(gen, SHAPES, {OTHER: 3, MOD: 5}, alpha=10.0, rslora=True)
+    assert u.scale(MOD) == pytest.approx(10.0 / math.sqrt(5)) and u.scale(OTHER) == pytest.approx(10.0 / math.sqrt(3))
+    # Plain LoRA keeps the exact float it always had (alpha / r), not a rounding-different variant.
+    for alpha, r in ((16.0, 3), (7.5, 200), (11.0, 30)):
+        assert lora_scaling(alpha, r) == alpha / r
 
 
 def test_validate_round_returns_shapes_and_weights(gen, helpers):
@@ -99,6 +112,8 @@ def _bad_rounds(helpers, gen):
         add(f"num_examples={n!r}", _replace(base[1], num_examples=n), "client 1", "num_examples")
     for alpha in (0.0, -16.0, float("nan"), float("inf")):
         add(f"alpha={alpha!r}", _replace(base[1], alpha=alpha), "client 1", "alpha")
+    for rslora in ("false", 1, None):
+        add(f"rslora={rslora!r}", _replace(base[1], rslora=rslora), "client 1", "rslora")
     add("not-an-update", {"factors": base[1].factors}, "client 1", "ClientUpdate")
     add("no-modules", ClientUpdate({}, num_examples=3), "client 1", "no modules")
     add("client-id", _replace(base[1], MOD, (nan_a, b), client_id="site-7"), "client 1 ('site-7')", MOD)

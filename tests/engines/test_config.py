@@ -131,3 +131,187 @@ def test_describe_lists_every_key_with_help() -> None:
     for key in ("model", "rounds", "train.lr", "lora.alpha", "eval.every", "export.rank"):
         assert f"\n{key} = " in "\n" + text
     assert "Peak learning rate" in text
+
+
+# -- data and eval keys: what reaches the loaders and the eval set --------------------------
+
+RENAMED = [
+    {"uid": "r1", "category": "math", "prompt": "Add the numbers.", "context": "2 + 3", "response": "5"},
+    {"uid": "r2", "category": "geo", "prompt": "Name the capital.", "context": "France", "response": "Paris"},
+    {"uid": "r3", "category": "math", "prompt": "Multiply.", "context": "3 * 4", "response": "12"},
+    {"uid": "r4", "category": "spell", "prompt": "Spell it backwards.", "context": "", "response": "tac"},
+]
+FIELD_SETS = ["task_field=category", "instruction_field=prompt", "input_field=context", "output_field=response",
+              "id_field=uid"]
+
+
+def _renamed_file(tmp_path) -> str:
+    import json
+
+    path = tmp_path / "renamed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RENAMED))
+    return str(path)
+
+
+def _expected_tasks(records: list[dict]) -> dict:
+    from flexlora.data import Example
+
+    out: dict = {}
+    for r in records:
+        out.setdefault(r["category"], []).append(
+            Example(id=r["uid"], instruction=r["prompt"], input=r["context"], output=r["response"],
+                    task=r["category"]))
+    return out
+
+
+def test_field_keys_default_to_the_generic_loaders() -> None:
+    from flexlora.data import JSONL_FIELD_DEFAULTS
+
+    cfg = RunConfig()
+    for section in (cfg.data_options, cfg.eval):
+        assert {k: getattr(section, k) for k in JSONL_FIELD_DEFAULTS} == JSONL_FIELD_DEFAULTS
+    assert cfg.eval.data == ""
+    text = describe()
+    for key in ("eval.data", *(f"{s}.{k}" for s in ("data_options", "eval") for k in JSONL_FIELD_DEFAULTS)):
+        assert f"\n{key} = " in "\n" + text, key
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["data_options.task_fild=x"], "unknown config key 'data_options.task_fild'; did you mean 'task_field'"),
+        (["eval.dataa=x"], "unknown config key 'eval.dataa'"),
+        (["data_options.instruction_field="], "config key 'data_options.instruction_field': must name"),
+        (['eval.output_field=""'], "config key 'eval.output_field': must name"),
+        (["data_options.task_field=3"], "config key 'data_options.task_field': must be str"),
+        (["data_options.max_per_task=-1"], "config key 'data_options.max_per_task': must be >= 0"),
+    ],
+)
+def test_bad_data_keys_name_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert needle in str(exc.value)
+
+
+def test_data_options_field_keys_reach_the_loader(tmp_path) -> None:
+    from flexlora.engines.federation import load_run_data
+
+    data_file = _renamed_file(tmp_path)
+    cfg = load_config(None, [f"data={data_file}", *(f"data_options.{s}" for s in FIELD_SETS)])
+    data = load_run_data(cfg)
+    assert data.train == _expected_tasks(RENAMED)
+    assert data.unseen == {}
+    # "" (what `--set data_options.id_field=` gives) means no id field: ids are numbered.
+    cfg = load_config(None, [f"data={data_file}", *(f"data_options.{s}" for s in FIELD_SETS[:4]),
+                             "data_options.id_field="])
+    assert [ex.id for ex in load_run_data(cfg).iter_train()] == ["renamed-1", "renamed-3", "renamed-2", "renamed-4"]
+
+
+def test_missing_field_error_gives_the_set_fix_that_works(tmp_path) -> None:
+    from flexlora.data import DataError
+    from flexlora.engines.federation import load_run_data
+
+    data_file = _renamed_file(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_run_data(load_config(None, [f"data={data_file}"]))
+    msg = str(err.value)
+    assert msg.startswith(f"{data_file}, line 1: missing required fields")
+    for key in ("task_field", "instruction_field", "output_field"):
+        assert f"--set data_options.{key}=<name>" in msg
+    # Applying the suggested overrides (the field names taken from "fields present") loads the file.
+    fixed = load_config(None, [f"data={data_file}", "data_options.task_field=category",
+                               "data_options.instruction_field=prompt", "data_options.output_field=response"])
+    assert list(load_run_data(fixed).train) == ["math", "geo", "spell"]
+
+
+def test_field_keys_for_a_non_json_data_set_are_rejected() -> None:
+    from flexlora.data import DataError
+    from flexlora.engines.federation import load_run_data
+
+    with pytest.raises(DataError, match="remove data_options.task_field from the config"):
+        load_run_data(load_config(None, ["data_options.task_field=category"]))  # builtin:demo-tasks
+
+
+def test_eval_data_builds_the_eval_set_from_that_file(tmp_path) -> None:
+    from pathlib import Path
+
+    from engine_common import TINY
+
+    from flexlora.engines.federation import Federation
+
+    eval_file = _renamed_file(tmp_path)
+    eval_sets = [f"eval.data={eval_file}", *(f"eval.{s}" for s in FIELD_SETS)]
+    logs: list[str] = []
+    fed = Federation(load_config(None, [*TINY, *eval_sets, "eval.max_tasks=0", "eval.max_examples_per_task=0"]),
+                     tmp_path / "run", progress=False, log=logs.append)
+    expected = _expected_tasks(RENAMED)
+    # Every task of the file, sorted as the eval set is, and nothing of the training data's.
+    want = [ex for task in sorted(expected) for ex in expected[task]]
+    assert fed.eval_examples == want
+    assert [(task, refs) for task, _, refs in fed.eval_items] == [(ex.task, (ex.output,)) for ex in want]
+    assert len(fed.eval_features) == len(want)
+    assert any("evaluating on eval.data" in m for m in logs)
+    # The training data is still the run's own.
+    assert fed.data.name.startswith("builtin:demo-tasks")
+
+    # The eval limits apply to eval.data too.
+    capped = Federation(load_config(None, [*TINY, *eval_sets, "eval.max_tasks=2", "eval.max_examples_per_task=1"]),
+                        tmp_path / "capped", progress=False, log=lambda m: None)
+    assert capped.eval_examples == [expected["geo"][0], expected["math"][0]]
+
+    # Without eval.data: the training data's held-out tasks, as before.
+    default = Federation(load_config(None, TINY), tmp_path / "default", progress=False, log=lambda m: None)
+    assert {ex.task for ex in default.eval_examples} <= set(default.data.unseen)
+    assert {ex.task for ex in default.eval_examples}.isdisjoint(expected)
+
+    # eval.data is part of the run's identity (a run cannot be resumed with another one): only
+    # eval.data differs here, and the other file even has the same content.
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(eval_file).read_text())
+    moved = Federation(load_config(None, [*TINY, *eval_sets, "eval.max_tasks=0", "eval.max_examples_per_task=0",
+                                          f"eval.data={other}"]),
+                       tmp_path / "moved", progress=False, log=lambda m: None)
+    assert moved.eval_examples == fed.eval_examples
+    assert moved.fingerprint != fed.fingerprint
+
+
+def test_eval_data_on_training_tasks_warns(tmp_path) -> None:
+    import json
+
+    from engine_common import TINY
+
+    from flexlora.data import load_demo_tasks
+    from flexlora.engines.federation import Federation
+
+    trained = load_demo_tasks().train_tasks[0]
+    path = tmp_path / "same.jsonl"
+    path.write_text(json.dumps({"task": trained, "instruction": "i", "output": "o"}) + "\n")
+    logs: list[str] = []
+    Federation(load_config(None, [*TINY, f"eval.data={path}"]), tmp_path / "run", progress=False, log=logs.append)
+    assert any("not zero-shot" in m and trained in m for m in logs)
+
+
+def test_eval_data_errors_name_the_eval_keys(tmp_path) -> None:
+    from flexlora.data import DataError
+    from flexlora.engines.federation import load_run_eval_data
+
+    assert load_run_eval_data(load_config(None, [])) is None
+    eval_file = _renamed_file(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_run_eval_data(load_config(None, [f"eval.data={eval_file}"]))
+    assert str(err.value).startswith(eval_file) and "--set eval.task_field=<name>" in str(err.value)
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(DataError) as err:
+        load_run_eval_data(load_config(None, [f"eval.data={missing}"]))
+    assert str(err.value).startswith(f"{missing}: no such file") and "--set eval.data=<path>" in str(err.value)
+
+
+def test_eval_data_natural_instructions_test_tasks(tmp_path) -> None:
+    from pathlib import Path
+
+    from flexlora.engines.federation import load_run_eval_data
+
+    root = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "ni"
+    data = load_run_eval_data(load_config(None, [f"eval.data={root}", "eval.max_examples_per_task=1"]))
+    assert data is not None and data.train == {}
+    assert data.counts()["unseen"] == {"task901_antonyms": 1, "task902_title_generation": 1}

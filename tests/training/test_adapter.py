@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import re
 import warnings
 
@@ -25,6 +26,7 @@ from flexlora.training.adapter import (
     set_factors,
     target_modules_spec,
 )
+from flexlora.training.client import merged_into_base
 from flexlora.training.local import LocalTrainConfig, train_local
 from flexlora.training.models import model_lora_targets
 
@@ -132,6 +134,45 @@ def test_model_output_equals_base_with_updated_weights(tiny, helpers):
         pm.eval()
         got = pm(input_ids=ids).logits
     torch.testing.assert_close(got, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_rslora_scaling_and_output_equal_hand_computed_update(tiny, helpers):
+    model, _ = tiny
+    ranks = helpers.paper_like_ranks(model, attention=8, mlp=30)
+    ranks["model.layers.1.self_attn.o_proj"] = 5
+    factors = helpers.random_factors(model, ranks, seed=3)
+    alpha = 16.0
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            reference.get_submodule(name).weight += (alpha / math.sqrt(a.shape[0])) * b @ a
+    ids = torch.randint(0, 250, (2, 7), generator=torch.Generator().manual_seed(0))
+    with client_adapter(model, ranks, alpha, factors, rslora=True) as pm:
+        pm.eval()
+        assert pm.peft_config["default"].use_rslora is True
+        for name, layer in _lora_layers(pm).items():
+            assert layer.scaling["default"] == pytest.approx(alpha / math.sqrt(ranks[name]), rel=1e-12)
+        got = pm(input_ids=ids).logits
+    torch.testing.assert_close(got, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    # Guard: the plain scaling gives a different output on these ranks (8, 30, 5).
+    with client_adapter(model, ranks, alpha, factors) as pm:
+        pm.eval()
+        assert (pm(input_ids=ids).logits - got).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="rslora"):
+        attach_adapter(model, ranks, alpha, rslora="yes")  # type: ignore[arg-type]
+
+
+def test_merged_into_base_uses_the_rslora_scaling(tiny, helpers):
+    model, _ = tiny
+    ranks = {"model.layers.0.self_attn.q_proj": 6, "model.layers.1.mlp.down_proj": 9}
+    delta = helpers.random_factors(model, ranks, seed=8)
+    before = {m: model.get_submodule(m).weight.detach().clone() for m in ranks}
+    with merged_into_base(model, delta, 12.0, rslora=True):
+        for m, (a, b) in delta.items():
+            want = before[m] + (12.0 / math.sqrt(a.shape[0])) * b @ a
+            torch.testing.assert_close(model.get_submodule(m).weight, want, atol=1e-6, rtol=1e-6)
+    for m in ranks:
+        assert torch.equal(model.get_submodule(m).weight, before[m])  # restored bit for bit
 
 
 def test_fresh_adapter_is_seeded_and_starts_at_zero_update(tiny_model):

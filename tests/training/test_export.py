@@ -59,6 +59,49 @@ def test_peft_adapter_loads_with_stock_peft_and_reproduces_logits(setup, tmp_pat
         assert (model(input_ids=IDS).logits - expected).abs().max() > 1e-2
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_rslora_export_round_trip_reproduces_logits_and_delta_weights(setup, tmp_path):
+    model, tok, ranks, factors, alpha, plain_expected, state = setup
+    with client_adapter(model, ranks, alpha, factors, rslora=True) as pm:
+        pm.eval()
+        with torch.no_grad():
+            expected = pm(input_ids=IDS).logits
+    # Guard: rsLoRA changes the output at these ranks (8, 30, 5), so the checks below would fail
+    # if the export dropped the flag.
+    assert (expected - plain_expected).abs().max() > 1e-3
+    out = tmp_path / "adapter"
+    save_peft_adapter(model, factors, alpha, out, base_model_name_or_path=TINY, rslora=True)
+    _assert_base_unchanged(model, state)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True and cfg["lora_alpha"] == alpha
+
+    fresh, _ = load_base_model(TINY)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(out))
+    loaded.eval()
+    with torch.no_grad():
+        got = loaded(input_ids=IDS).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # Every module's delta weight, as peft computes it, is (alpha / sqrt(r)) B A (written out here).
+    inner = loaded.base_model.model
+    for name, (a, b) in factors.items():
+        delta = inner.get_submodule(name).get_delta_weight("default")
+        torch.testing.assert_close(delta, (alpha / ranks[name] ** 0.5) * (b @ a), atol=1e-6, rtol=1e-5)
+
+    # The merged export applies the same scaling.
+    merged_dir = tmp_path / "merged"
+    save_merged_model(model, tok, factors, alpha, merged_dir, rslora=True)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
+    merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_plain_export_records_use_rslora_false(setup, tmp_path):
+    model, _, _, factors, alpha, _, _ = setup
+    save_peft_adapter(model, factors, alpha, tmp_path / "a", base_model_name_or_path=TINY)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["use_rslora"] is False
+
+
 def test_adapter_config_keeps_per_module_ranks(setup, tmp_path):
     model, _, ranks, factors, alpha, _, _ = setup
     out = tmp_path / "adapter"

@@ -25,7 +25,7 @@ from flexlora.core.distributions import (
     types_from_budget,
     types_from_ranks,
 )
-from flexlora.core.types import AggregationError, ClientUpdate
+from flexlora.core.types import AggregationError, ClientUpdate, lora_scaling
 
 __all__ = [
     "PAPER_CLIENT_TYPES",
@@ -44,6 +44,7 @@ __all__ = [
     "dense_update",
     "distribution_probabilities",
     "get_aggregator",
+    "lora_scaling",
     "module_group",
     "pruned_ranks",
     "rank_pruning_penalty",

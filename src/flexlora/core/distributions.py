@@ -35,7 +35,8 @@ class ClientType:
     mlp_rank : int
         Rank of the MLP projections.
     alpha : float, default 16.0
-        LoRA alpha; the scaling is ``alpha / r`` per module.
+        LoRA alpha; the scaling is ``alpha / r`` per module (``alpha / sqrt(r)`` in a run with
+        ``lora.rslora``, which applies to every type alike).
     """
 
     name: str

@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from flexlora.core.types import lora_scaling_denominator
+
 SVDMethod = Literal["auto", "qr", "dense", "randomized"]
 
 
@@ -251,9 +253,11 @@ def truncate_to_factors(
     *,
     split: Literal["B", "A", "sqrt"] = "B",
     pad_seed: int = 0,
+    rslora: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors ``(A, B)`` of rank ``rank`` whose effective update ``(alpha / rank) B A`` is the
-    best rank-``rank`` approximation ``U_r S_r V_r^T`` (Eckart-Young).
+    """LoRA factors ``(A, B)`` of rank ``rank`` whose effective update ``s B A`` is the best
+    rank-``rank`` approximation ``U_r S_r V_r^T`` (Eckart-Young), with the receiving client's
+    scaling ``s = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
 
     Parameters
     ----------
@@ -263,14 +267,23 @@ def truncate_to_factors(
         The receiving client's LoRA alpha.
     split : {"B", "A", "sqrt"}, default "B"
         Where the singular values go: "B" is the paper's choice (``A = V_r^T``,
-        ``B = U_r S_r r / alpha``); "A" puts them in ``A``; "sqrt" shares them.
+        ``B = U_r S_r / s``); "A" puts them in ``A``; "sqrt" shares them.
     pad_seed : int
         Seed of the orthonormal directions used when ``rank`` exceeds the rank held in ``svd``.
+    rslora : bool, default False
+        The receiving client applies rsLoRA scaling ``alpha / sqrt(rank)``.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(A, B)`` with ``A: rank x in`` and ``B: out x rank``.
     """
     k = svd.S.shape[0]
     r = min(rank, k)
     U, S, V = svd.U[:, :r], svd.S[:r], svd.V[:, :r]
-    scale = rank / float(alpha)
+    # 1 / s, formed as denominator / alpha (not 1 / lora_scaling) so that plain LoRA keeps the
+    # exact float value rank / alpha it always had.
+    scale = lora_scaling_denominator(rank, rslora) / float(alpha)
     if split == "B":
         A = V.T
         B = U * (S * scale)

@@ -1,7 +1,9 @@
 """Plain-tensor types shared by every aggregator, and the validation of client updates.
 
 A LoRA module holds two factors: ``A`` with shape ``(r, in_features)`` and ``B`` with shape
-``(out_features, r)``; the module's effective update is ``(alpha / r) * B @ A``.
+``(out_features, r)``; the module's effective update is ``s * B @ A`` with the LoRA scaling
+``s = alpha / r``, or ``s = alpha / sqrt(r)`` under rsLoRA (Kalajdzievski, 2023,
+https://arxiv.org/abs/2312.03732). :func:`lora_scaling` is the one place that formula lives.
 """
 
 from __future__ import annotations
@@ -15,6 +17,54 @@ import torch
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 """``(A, B)`` with ``A: r x in`` and ``B: out x r``."""
+
+
+def lora_scaling_denominator(rank: int, rslora: bool = False) -> float:
+    """The divisor of ``alpha`` in the LoRA scaling: ``r``, or ``sqrt(r)`` under rsLoRA.
+
+    Parameters
+    ----------
+    rank : int
+        The module's LoRA rank (positive).
+    rslora : bool, default False
+        Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
+
+    Returns
+    -------
+    float
+        ``float(rank)`` or ``math.sqrt(rank)``.
+
+    Notes
+    -----
+    Callers that need ``alpha / r`` folded into a longer product (``w * alpha / r``) or its
+    inverse (``r / alpha``) divide by this value instead of multiplying by :func:`lora_scaling`,
+    so that with ``rslora=False`` every float operation, and thus every result, is the same as
+    before rsLoRA existed.
+    """
+    return math.sqrt(rank) if rslora else float(rank)
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """LoRA scaling of a module: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+
+    PEFT applies the same formula (``LoraConfig(use_rslora=...)``), so factors exported with the
+    flag reproduce the effective update ``lora_scaling(alpha, r, rslora) * B @ A``.
+
+    Parameters
+    ----------
+    alpha : float
+        LoRA alpha (positive).
+    rank : int
+        The module's rank (positive).
+    rslora : bool, default False
+        Rank-stabilised LoRA (Kalajdzievski, 2023): the update of a rank-200 adapter is then not
+        25 times smaller than that of a rank-8 one at the same alpha.
+
+    Returns
+    -------
+    float
+    """
+    return float(alpha) / lora_scaling_denominator(rank, rslora)
 
 
 class AggregationError(ValueError):
@@ -41,6 +91,11 @@ class ClientUpdate:
         LoRA scaling numerator of this client: the effective update is ``(alpha / r) B @ A``.
     client_id : str or None, default None
         Used in error messages and logs only.
+    metadata : dict
+        Free-form values (type name, train loss); the aggregators ignore them.
+    rslora : bool, default False
+        The client trained with rsLoRA scaling: its effective update is ``(alpha / sqrt(r)) B @ A``.
+        Last, so that positional construction of the other fields is unchanged.
     """
 
     factors: Mapping[str, Factors]
@@ -48,14 +103,15 @@ class ClientUpdate:
     alpha: float = 16.0
     client_id: str | None = None
     metadata: dict = field(default_factory=dict)
+    rslora: bool = False
 
     def rank(self, module: str) -> int:
         """Rank of ``module`` in this update (rows of its ``A`` factor)."""
         return int(self.factors[module][0].shape[0])
 
     def scale(self, module: str) -> float:
-        """LoRA scaling ``alpha / r`` of ``module``."""
-        return float(self.alpha) / self.rank(module)
+        """LoRA scaling of ``module``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return lora_scaling(self.alpha, self.rank(module), self.rslora)
 
     def label(self, index: int) -> str:
         return f"client {index}" + (f" ({self.client_id!r})" if self.client_id is not None else "")
@@ -68,7 +124,7 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
     ------
     AggregationError
         For an empty round, a non-positive or non-integer ``num_examples``, a non-positive or
-        non-finite ``alpha``, factors whose shapes do not chain (``A: r x in``, ``B: out x r``),
+        non-finite ``alpha``, a non-bool ``rslora``, factors whose shapes do not chain (``A: r x in``, ``B: out x r``),
         a module missing in some clients, a module whose shape differs across clients, a rank
         of zero or above ``min(out, in)``, or NaN/Inf values.
     """
@@ -87,6 +143,9 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
             )
         if isinstance(u.alpha, bool) or not isinstance(u.alpha, numbers.Real) or not math.isfinite(u.alpha) or u.alpha <= 0:
             raise AggregationError(f"{who}: alpha must be a positive finite number, got {u.alpha!r}")
+        if not isinstance(u.rslora, bool):
+            # A truthy string such as "false" would silently switch the scaling.
+            raise AggregationError(f"{who}: rslora must be True or False, got {u.rslora!r}")
         if len(u.factors) == 0:
             raise AggregationError(f"{who}: the update holds no modules")
         modules = set(u.factors)

@@ -10,7 +10,8 @@ Sources:
 - Any JSON list of objects or JSON Lines file with configurable field names: :func:`load_jsonl`.
 - The generated ``builtin:demo-tasks``: :func:`flexlora.data.demo_tasks.load_demo_tasks`.
 
-:func:`load_task_data` picks the right loader from a spec string.
+:func:`load_task_data` picks the right loader from a spec string; :func:`load_eval_data` loads
+a separate data set to evaluate on.
 
 Every problem with the input raises :class:`DataError`, naming the file, the line or record
 number where there is one, and the fix.
@@ -37,8 +38,10 @@ __all__ = [
     "DOLLY_DEFAULT_UNSEEN",
     "DOLLY_FIELDS",
     "DOLLY_HUB_NAME",
+    "JSONL_FIELD_DEFAULTS",
     "DataError",
     "load_dolly",
+    "load_eval_data",
     "load_jsonl",
     "load_natural_instructions",
     "load_task_data",
@@ -67,6 +70,30 @@ DOLLY_CATEGORIES = (
 DOLLY_DEFAULT_UNSEEN = ("summarization", "creative_writing")
 
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+
+# The field-name options of :func:`load_jsonl` with their defaults. The run config mirrors them
+# (``data_options.*`` and ``eval.*``) and passes on only the ones that differ.
+JSONL_FIELD_DEFAULTS: dict[str, str] = {
+    "task_field": "task",
+    "instruction_field": "instruction",
+    "input_field": "input",
+    "output_field": "output",
+    "id_field": "id",
+}
+
+
+def _option_hint(option: str, value: str, prefix: str | None) -> str:
+    """How the user sets a loader option: a keyword argument, or the run config's ``--set``.
+
+    A user of the command line cannot pass keyword arguments, so when the options come from a
+    run config (``prefix`` is where they live there, e.g. ``"data_options."``) the suggested fix
+    is the override they can type. ``value`` ``"None"`` becomes ``""``, the config's "none".
+    """
+    if prefix is None:
+        return f"pass {option}={value}"
+    if value == "None":
+        value = '""'
+    return f"--set {prefix}{option}={value}"
 
 
 # -- reading files -----------------------------------------------------------------------
@@ -233,21 +260,21 @@ def _field_str(
     line: int,
     where: str = "line",
     required: bool = True,
-    option: str | None = None,
 ) -> str:
-    """A string field of a record; a missing optional field or a null reads as ``""``."""
+    """A string field of a record; a missing optional field or a null reads as ``""``.
+
+    A missing field of a generic JSON file never gets here (:func:`_check_required_fields`
+    reports it with the option that renames it); the fixed formats can only add the field.
+    """
     if field not in rec:
         if not required:
             return ""
-        fix = f"add {field!r} to every record"
-        if option:
-            fix += f", or pass {option}=<name> naming the field that holds it"
         raise DataError(
             f"missing required field {field!r} (fields present: {sorted(rec)}).",
             path=path,
             line=line,
             where=where,
-            fix=fix + ".",
+            fix=f"add {field!r} to every record.",
         )
     value = rec[field]
     if value is None and not required:
@@ -258,6 +285,7 @@ def _field_str(
             path=path,
             line=line,
             where=where,
+            fix=f"make {field!r} a string in every record.",
         )
     return value
 
@@ -500,6 +528,7 @@ def load_natural_instructions(
     definition: bool = True,
     num_positive_examples: int = 0,
     unseen_tasks: Sequence[str] | None = None,
+    unseen_only: bool = False,
 ) -> TaskData:
     """Load Natural Instructions v2 in the upstream layout; one task is one client.
 
@@ -524,6 +553,9 @@ def load_natural_instructions(
         ``None``: the test-split tasks are the unseen tasks. Otherwise exactly these tasks
         (each listed in one of the two split files) are unseen, in the given order, and
         every other listed task is a train task.
+    unseen_only : bool, default False
+        Load only the unseen tasks and leave ``train`` empty (no train task is then needed):
+        what an evaluation-only data set needs, without reading the train tasks' files.
 
     Returns
     -------
@@ -539,7 +571,7 @@ def load_natural_instructions(
         Missing directory or split file; a split file naming a task with no task file (with
         the split file's line); malformed task JSON (with its line); a task or instance
         missing a required field (with the instance number); a task in both splits; or no
-        train task left.
+        train task left (with ``unseen_only``: no unseen task left).
     """
     _check_max_per_task(max_per_task)
     if min_per_task < 0:
@@ -626,13 +658,22 @@ def load_natural_instructions(
             groups[name] = examples
         return groups
 
-    train = load_side(train_side)
+    # min_per_task is only named when it is not the default: it is a keyword of this function,
+    # not a setting a command-line user has.
+    check = f" (check min_per_task={min_per_task})" if min_per_task > 1 else ""
+    train = {} if unseen_only else load_side(train_side)
     unseen = load_side(unseen_side)
-    if not train:
+    if unseen_only and not unseen:
+        raise DataError(
+            "no test task with instances was found.",
+            path=test_file,
+            fix=f"list at least one task file with instances in {test_file.name}{check}.",
+        )
+    if not train and not unseen_only:
         raise DataError(
             "no train task with instances was found.",
             path=train_file,
-            fix="list at least one task file with instances (check min_per_task).",
+            fix=f"list at least one task file with instances{check}.",
         )
     opts = [f"split={split}"]
     if max_per_task is not None:
@@ -645,6 +686,8 @@ def load_natural_instructions(
         opts.append(f"num_positive_examples={num_positive_examples}")
     if unseen_tasks is not None:
         opts.append(f"unseen={list(unseen)}")
+    if unseen_only:
+        opts.append("unseen_only=True")
     return TaskData(
         train=train, unseen=unseen, name=f"natural-instructions:{base} ({', '.join(opts)})"
     )
@@ -784,6 +827,7 @@ def load_jsonl(
     seed: int = 0,
     max_per_task: int | None = None,
     default_task: str | None = None,
+    option_prefix: str | None = None,
 ) -> TaskData:
     """Load a JSON list of objects or a JSON Lines file with configurable field names.
 
@@ -813,6 +857,10 @@ def load_jsonl(
         Keep only the first ``max_per_task`` records of each task (file order).
     default_task : str or None, default None
         Task name used when ``task_field`` is ``None``.
+    option_prefix : str or None, default None
+        Where these options live in a run config (``"data_options."``, ``"eval."``). Error
+        messages then suggest the ``--set <prefix><option>=...`` override a command-line user
+        can type instead of a keyword argument (``None`` is written ``""`` there).
 
     Returns
     -------
@@ -829,29 +877,19 @@ def load_jsonl(
     p = Path(path).expanduser()
     unit, records = _read_records(p)
     fallback_task = default_task or p.stem
+    required = [("task_field", task_field, "each record's task")] if task_field is not None else []
+    required += [
+        ("instruction_field", instruction_field, "the instruction"),
+        ("output_field", output_field, "the answer"),
+    ]
     groups: dict[str, list[Example]] = {}
     for line, rec in records:
         at = {"path": p, "line": line, "where": unit}
-        instruction = _field_str(rec, instruction_field, option="instruction_field", **at)
+        _check_required_fields(rec, required, at=at, option_prefix=option_prefix)
+        task = fallback_task if task_field is None else str(rec[task_field])
+        instruction = _field_str(rec, instruction_field, **at)
         text = _field_str(rec, input_field, required=False, **at) if input_field else ""
-        if output_field not in rec:
-            raise DataError(
-                f"missing required field {output_field!r} (fields present: {sorted(rec)}).",
-                fix=f"add {output_field!r} to every record, or pass output_field=<name>.",
-                **at,
-            )
         refs = _references(rec[output_field], field=output_field, **at)
-        if task_field is None:
-            task = fallback_task
-        else:
-            if task_field not in rec:
-                raise DataError(
-                    f"missing required field {task_field!r} (fields present: {sorted(rec)}).",
-                    fix=f"add {task_field!r} to every record, pass task_field=<name>, or "
-                    "task_field=None to put all records in one task.",
-                    **at,
-                )
-            task = str(rec[task_field])
         raw_id = rec.get(id_field) if id_field else None
         ex_id = str(raw_id) if raw_id not in (None, "") else f"{p.stem}-{line}"
         groups.setdefault(task, []).append(
@@ -876,7 +914,38 @@ def load_jsonl(
     try:
         return TaskData(train=train, unseen=unseen, name=f"jsonl:{p}", unseen_kind=kind)
     except DataError as exc:
-        raise DataError(exc.problem, path=p, fix=exc.fix or "make the ids unique.") from exc
+        fix = f"give every record a unique {id_field!r}" if id_field else "make the ids unique"
+        if id_field:
+            fix += f", or number the records instead with {_option_hint('id_field', 'None', option_prefix)}"
+        raise DataError(exc.problem, path=p, fix=fix + ".") from exc
+
+
+def _check_required_fields(
+    rec: dict[str, Any],
+    required: list[tuple[str, str, str]],
+    *,
+    at: dict[str, Any],
+    option_prefix: str | None,
+) -> None:
+    """Raise one error naming every missing required field of ``rec`` and the option of each.
+
+    All at once, because a file written with other field names usually misses all of them,
+    and one fix per run would take the user as many runs as there are fields.
+    """
+    missing = [(opt, name, what) for opt, name, what in required if name not in rec]
+    if not missing:
+        return
+    names = ", ".join(repr(name) for _, name, _ in missing)
+    fixes = [f"name the field that holds {what} with {_option_hint(opt, '<name>', option_prefix)}"
+             for opt, _, what in missing]
+    if missing[0][0] == "task_field":
+        fixes.append(f"put all records in one task with {_option_hint('task_field', 'None', option_prefix)}")
+    raise DataError(
+        f"missing required field{'s' if len(missing) > 1 else ''} {names} "
+        f"(fields present: {sorted(rec)}).",
+        fix="; ".join(fixes) + f"; or add {names} to every record.",
+        **at,
+    )
 
 
 # -- dispatch ----------------------------------------------------------------------------
@@ -892,8 +961,9 @@ def _call_with_options(
     loader: Callable[..., TaskData], spec: Any, options: dict[str, Any]
 ) -> TaskData:
     params = inspect.signature(loader).parameters
-    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(accepted))
+    accepted = [n for n, p in params.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "option_prefix"]
+    unknown = sorted(set(options) - set(accepted) - {"option_prefix"})
     if unknown:
         raise DataError(
             f"{loader.__name__} does not take option(s) {unknown}.",
@@ -917,7 +987,74 @@ def _dolly_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_task_data(spec: str | os.PathLike[str], **options: Any) -> TaskData:
+def _spec_fix(spec_key: str | None) -> str:
+    """The fix for a spec that names nothing loadable, in the caller's terms."""
+    if spec_key is None:
+        return f"pass one of: {_ACCEPTED}."
+    return f"set {spec_key} (--set {spec_key}=<path>) to one of: {_ACCEPTED}."
+
+
+_KIND_NAMES = {
+    "demo": f"the built-in {DEMO_SPEC!r}",
+    "ni": "a Natural Instructions directory",
+    "dolly-hub": f"the Hub data set {DOLLY_HUB_NAME!r}",
+}
+
+
+def _resolve_spec(text: str, *, generic: bool, spec_key: str | None) -> tuple[str, Path | None]:
+    """Which loader ``text`` names: ``("demo" | "ni" | "dolly-hub" | "dolly" | "jsonl", path)``.
+
+    ``generic``: field names were given, so a JSON file is read by :func:`load_jsonl` even when
+    its first record looks like Dolly's (the user said which fields to read).
+    """
+    if text == DEMO_SPEC:
+        return "demo", None
+    if text.startswith("builtin:"):
+        raise DataError(f"unknown builtin data set {text!r}.", fix=_spec_fix(spec_key))
+    path = Path(text).expanduser()
+    if not path.exists():
+        if text == DOLLY_HUB_NAME:
+            return "dolly-hub", None
+        raise DataError("no such file or directory.", path=path, fix=_spec_fix(spec_key))
+    if path.is_dir():
+        if (path / "tasks").is_dir() and (path / "splits").is_dir():
+            return "ni", path
+        raise DataError(
+            "directory has no tasks/ and splits/ sub-directories.", path=path, fix=_spec_fix(spec_key)
+        )
+    if path.suffix.lower() in _JSON_SUFFIXES:
+        if not generic and all(f in _first_record(path) for f in DOLLY_FIELDS):
+            return "dolly", path
+        return "jsonl", path
+    raise DataError(
+        f"unsupported file type {path.suffix or '(no suffix)'!r}.", path=path, fix=_spec_fix(spec_key)
+    )
+
+
+def _fields_not_applicable(
+    fields: Sequence[str], kind: str, where: str | Path, option_prefix: str | None
+) -> DataError:
+    names = [f"{option_prefix or ''}{f}" for f in fields]
+    what = _KIND_NAMES[kind]
+    if option_prefix is None:
+        fix = "drop those options."
+    else:
+        fix = f"remove {', '.join(names)} from the config (or --set each back to its default)."
+    return DataError(
+        f"the field-name option(s) {names} apply only to a generic JSON/JSONL file, but this is "
+        f"{what}, whose fields are fixed by its format.",
+        path=where,
+        fix=fix,
+    )
+
+
+def load_task_data(
+    spec: str | os.PathLike[str],
+    *,
+    spec_key: str | None = None,
+    option_prefix: str | None = None,
+    **options: Any,
+) -> TaskData:
     """Load a data set from a spec string, choosing the loader from what the spec names.
 
     Parameters
@@ -927,11 +1064,20 @@ def load_task_data(spec: str | os.PathLike[str], **options: Any) -> TaskData:
         - a directory with ``tasks/`` and ``splits/``: :func:`load_natural_instructions`;
         - ``"databricks/databricks-dolly-15k"`` (when no such local path exists), or a
           ``.json``/``.jsonl`` file whose first record has ``instruction``, ``context``,
-          ``response`` and ``category``: :func:`load_dolly`;
+          ``response`` and ``category`` and for which no field-name option is given:
+          :func:`load_dolly`;
         - any other ``.json``/``.jsonl``/``.ndjson`` file: :func:`load_jsonl`.
+    spec_key : str or None, default None
+        The run-config key that holds ``spec`` (``"data"``, ``"eval.data"``), so that the fix of
+        a bad spec names it.
+    option_prefix : str or None, default None
+        Where ``options`` live in a run config (``"data_options."``), so that fixes suggest the
+        ``--set`` override a command-line user can type (see :func:`load_jsonl`).
     **options
         Keyword options of the chosen loader. ``max_per_task`` and ``unseen_tasks`` are
         accepted by every loader (for Dolly, ``unseen_tasks`` means ``unseen_categories``).
+        The field-name options of :func:`load_jsonl` (:data:`JSONL_FIELD_DEFAULTS`) select it
+        for any JSON file and are an error for the other sources.
 
     Returns
     -------
@@ -944,30 +1090,80 @@ def load_task_data(spec: str | os.PathLike[str], **options: Any) -> TaskData:
         take, or any error of the loader.
     """
     text = os.fspath(spec)
-    if text == DEMO_SPEC:
+    fields = [f for f in JSONL_FIELD_DEFAULTS if f in options]
+    kind, path = _resolve_spec(text, generic=bool(fields), spec_key=spec_key)
+    if fields and kind != "jsonl":
+        raise _fields_not_applicable(fields, kind, path or text, option_prefix)
+    if kind == "demo":
         return _call_with_options(load_demo_tasks, None, options)
-    if text.startswith("builtin:"):
-        raise DataError(f"unknown builtin data set {text!r}.", fix=f"use one of: {_ACCEPTED}.")
-    path = Path(text).expanduser()
-    if not path.exists():
-        if text == DOLLY_HUB_NAME:
-            return _call_with_options(load_dolly, text, _dolly_options(options))
-        raise DataError("no such file or directory.", path=path, fix=f"pass one of: {_ACCEPTED}.")
-    if path.is_dir():
-        if (path / "tasks").is_dir() and (path / "splits").is_dir():
-            return _call_with_options(load_natural_instructions, path, options)
+    if kind == "ni":
+        return _call_with_options(load_natural_instructions, path, options)
+    if kind in ("dolly", "dolly-hub"):
+        return _call_with_options(load_dolly, path or text, _dolly_options(options))
+    return _call_with_options(load_jsonl, path, {**options, "option_prefix": option_prefix})
+
+
+def load_eval_data(
+    spec: str | os.PathLike[str],
+    *,
+    max_per_task: int | None = None,
+    spec_key: str | None = None,
+    option_prefix: str | None = None,
+    **field_options: str | None,
+) -> TaskData:
+    """Load a data set to evaluate on, separate from the training data.
+
+    Parameters
+    ----------
+    spec : str or PathLike
+        As for :func:`load_task_data`. What is evaluated depends on the source:
+
+        - a Natural Instructions directory: its test-split tasks (the train-split task files
+          are not read);
+        - a JSON/JSONL file (Dolly or generic): every task in it, with all its records;
+        - ``"builtin:demo-tasks"``: its unseen tasks.
+    max_per_task : int or None, default None
+        Keep only the first ``max_per_task`` examples of each task (file order).
+    spec_key, option_prefix : str or None, default None
+        As for :func:`load_task_data` (e.g. ``"eval.data"`` and ``"eval."``).
+    **field_options
+        The field-name options of :func:`load_jsonl` (:data:`JSONL_FIELD_DEFAULTS`), for a
+        generic JSON/JSONL file only.
+
+    Returns
+    -------
+    TaskData
+        ``train`` empty; ``unseen`` the tasks to evaluate on (``unseen_kind="tasks"``).
+
+    Raises
+    ------
+    DataError
+        An option other than the field names, a field name for a source other than a JSON
+        file, no task to evaluate, or any error of the loader.
+    """
+    text = os.fspath(spec)
+    unknown = sorted(set(field_options) - set(JSONL_FIELD_DEFAULTS))
+    if unknown:
         raise DataError(
-            "directory has no tasks/ and splits/ sub-directories.",
-            path=path,
-            fix=f"pass one of: {_ACCEPTED}.",
+            f"load_eval_data does not take option(s) {unknown}.",
+            fix=f"use only max_per_task and {list(JSONL_FIELD_DEFAULTS)}.",
         )
-    if path.suffix.lower() in _JSON_SUFFIXES:
-        first = _first_record(path)
-        if all(f in first for f in DOLLY_FIELDS):
-            return _call_with_options(load_dolly, path, _dolly_options(options))
-        return _call_with_options(load_jsonl, path, options)
-    raise DataError(
-        f"unsupported file type {path.suffix or '(no suffix)'!r}.",
-        path=path,
-        fix=f"pass one of: {_ACCEPTED}.",
-    )
+    kind, path = _resolve_spec(text, generic=bool(field_options), spec_key=spec_key)
+    if field_options and kind != "jsonl":
+        raise _fields_not_applicable(list(field_options), kind, path or text, option_prefix)
+    if kind == "demo":
+        data = load_demo_tasks(max_per_task=max_per_task)
+        groups = data.unseen
+    elif kind == "ni":
+        data = load_natural_instructions(path or text, max_per_task=max_per_task, unseen_only=True)
+        groups = data.unseen
+    elif kind in ("dolly", "dolly-hub"):
+        # No category held out and no instance held out: every record is evaluated.
+        data = load_dolly(path or text, unseen_categories=(), holdout_fraction=0.0,
+                          max_per_task=max_per_task)
+        groups = data.train
+    else:
+        data = load_jsonl(path or text, max_per_task=max_per_task, option_prefix=option_prefix,
+                          **field_options)  # type: ignore[arg-type]
+        groups = data.train
+    return TaskData(train={}, unseen=dict(groups), name=f"eval:{data.name}")

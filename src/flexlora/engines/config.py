@@ -42,14 +42,24 @@ class TrainSection:
     template: str = _f("alpaca", "Prompt template: 'alpaca' (the paper's), 'chat' (the model's chat template) "
                        "or 'plain'.", choices=("alpaca", "chat", "plain"))
     hetlora_strength: float = _f(1e-3, "Strength of HetLoRA's rank self-pruning regulariser (hetlora only).")
-    hetlora_gamma: float = _f(0.99, "Fraction of each rank not penalised by the regulariser (hetlora only).")
+    hetlora_gamma: float = _f(0.99, "Fraction of each rank not penalised by the regulariser, and the factor a "
+                              "pruned rank is multiplied by (hetlora only).")
+    hetlora_prune: bool = _f(True, "HetLoRA's rank self-pruning (hetlora only): after a round, each module of a "
+                             "client whose tail is small keeps floor(hetlora_gamma * r) ranks in its next rounds.")
+    hetlora_prune_threshold: float = _f(1e-3, "A module's rank is pruned when ||B_tail|| ||A_tail|| / (||B|| ||A||) "
+                                        "is below this (hetlora only).")
+    hetlora_min_rank: int = _f(0, "Floor of the pruned ranks; 0 = the smallest rank of that module among the run's "
+                               "client types (hetlora only).")
 
 
 @dataclass
 class LoraSection:
     """LoRA settings shared by all clients (ranks come from the client types)."""
 
-    alpha: float = _f(16.0, "LoRA alpha of every client type (scaling alpha / r).")
+    alpha: float = _f(16.0, "LoRA alpha of every client type (scaling alpha / r, or alpha / sqrt(r) with rslora).")
+    rslora: bool = _f(False, "rsLoRA: scale updates by alpha / sqrt(r) instead of alpha / r in training, "
+                      "aggregation and the exported adapter (PEFT's use_rslora), so high-rank clients are not "
+                      "scaled down against low-rank ones.")
     dropout: float = _f(0.0, "LoRA dropout during local training.")
     targets: str = _f("all", "Adapted modules: 'all' (attention and MLP projections), 'attention' or 'mlp'.",
                       choices=("all", "attention", "mlp"))
@@ -68,12 +78,32 @@ class DataSection:
     dirichlet_alpha: float = _f(0.5, "Concentration of the Dirichlet partition (smaller = more skewed).")
     max_per_task: int = _f(0, "Cap on training examples per task (0 = no cap).")
     unseen_tasks: list = _f([], "Held-out task names for zero-shot evaluation (loader default when empty).")
+    # The field names of a generic JSON/JSONL `data` file; the defaults are the generic loader's
+    # (flexlora.data.JSONL_FIELD_DEFAULTS), and only changed ones are passed on.
+    task_field: str = _f("task", "JSON/JSONL data: the record field naming each record's task (one client per task "
+                         "with the natural partition); \"\" puts every record in one task named after the file. "
+                         "Setting any *_field reads a JSON file with the generic loader, also one in Dolly's format.")
+    instruction_field: str = _f("instruction", "JSON/JSONL data: the record field holding the instruction.")
+    input_field: str = _f("input", "JSON/JSONL data: the optional record field holding the input (context); "
+                          "\"\" = none.")
+    output_field: str = _f("output", "JSON/JSONL data: the record field holding the answer (a string or a list "
+                           "of acceptable strings).")
+    id_field: str = _f("id", "JSON/JSONL data: the record field holding a unique id; \"\" (or a record without "
+                       "it) = '<file stem>-<line>'.")
 
 
 @dataclass
 class EvalSection:
     """Evaluation of the global model on unseen tasks."""
 
+    data: str = _f("", "A separate data set to evaluate on instead of the held-out tasks of `data` (empty = those): "
+                   "a natural-instructions directory (its test tasks), a Dolly or generic JSON/JSONL file (every "
+                   "task in it) or builtin:demo-tasks (its unseen tasks). The limits below apply to it too.")
+    task_field: str = _f("task", "Like data_options.task_field, for a generic JSON/JSONL eval.data file.")
+    instruction_field: str = _f("instruction", "Like data_options.instruction_field, for eval.data.")
+    input_field: str = _f("input", "Like data_options.input_field, for eval.data.")
+    output_field: str = _f("output", "Like data_options.output_field, for eval.data.")
+    id_field: str = _f("id", "Like data_options.id_field, for eval.data.")
     every: int = _f(2, "Evaluate every k rounds (the last round is always evaluated); 0 = only at the end.")
     baseline: bool = _f(True, "Evaluate the base model (round 0) before training.")
     per_type: bool = _f(True, "After the last round, also evaluate the global model at each client type's ranks "
@@ -91,6 +121,18 @@ class ExportSection:
 
     rank: int = _f(0, "Rank of the exported PEFT adapter (0 = the largest client rank).")
     merged: bool = _f(False, "Also write the merged model (base + adapter) to run_dir/merged.")
+
+
+@dataclass
+class SLoRASection:
+    """SLoRA (aggregator = "slora"): sparse stage 1, then LoRA from the SVD of its change."""
+
+    stage1_rounds: int = _f(2, "Rounds of stage 1: sparse full-parameter changes on a fixed random mask per "
+                            "module, averaged with data-size weights.")
+    density: float = _f(0.0, "Mask density of stage 1 in (0, 1]; 0 = each client type's LoRA parameter share "
+                        "of the module, r (out + in) / (out in).")
+    then: str = _f("fedit", "Aggregation of stage 2: fedit (homogeneous ranks) or flexlora.",
+                   choices=("fedit", "flexlora"))
 
 
 @dataclass
@@ -114,7 +156,7 @@ class RunConfig:
                     "a local model directory, a .gguf file, or a hub id (online).")
     data: str = _f("builtin:demo-tasks", "Data: builtin:demo-tasks, a natural-instructions directory, a Dolly-15k "
                    "JSONL (or databricks/databricks-dolly-15k online), or a generic JSON/JSONL file.")
-    aggregator: str = _f("flexlora", "Server aggregation: flexlora, fedavg (fedit), hetlora, flora.")
+    aggregator: str = _f("flexlora", "Server aggregation: flexlora, fedavg (fedit), hetlora, flora, slora.")
     rank_distribution: str = _f("uniform", "Client resource distribution: homo, uniform, heavy-tail-light, "
                                 "heavy-tail-strong, normal.")
     num_clients: int = _f(0, "Number of clients (0 = one per task of the data).")
@@ -135,6 +177,7 @@ class RunConfig:
     data_options: DataSection = field(default_factory=DataSection, metadata={"help": "Data partition."})
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
     export: ExportSection = field(default_factory=ExportSection, metadata={"help": "Exports."})
+    slora: SLoRASection = field(default_factory=SLoRASection, metadata={"help": "SLoRA's two stages."})
     flower: FlowerSection = field(default_factory=FlowerSection, metadata={"help": "Flower engine."})
 
     def __post_init__(self) -> None:
@@ -154,8 +197,13 @@ def validate(cfg: RunConfig) -> None:
     from flexlora.core.aggregators import available_aggregators
     from flexlora.core.distributions import available_distributions
 
-    if cfg.aggregator.lower() not in available_aggregators():
-        _fail("aggregator", f"unknown aggregator {cfg.aggregator!r}; choose one of {available_aggregators()}")
+    if cfg.aggregator.lower() not in (*available_aggregators(), "slora"):
+        _fail("aggregator", f"unknown aggregator {cfg.aggregator!r}; choose one of "
+              f"{(*available_aggregators(), 'slora')}")
+    if cfg.slora.stage1_rounds < 1:
+        _fail("slora.stage1_rounds", "must be >= 1 (for no sparse stage use the aggregator of slora.then)")
+    if not 0.0 <= cfg.slora.density <= 1.0:
+        _fail("slora.density", f"must be in (0, 1], or 0 for each client type's LoRA share; got {cfg.slora.density!r}")
     if cfg.rank_distribution not in available_distributions():
         _fail("rank_distribution", f"unknown distribution {cfg.rank_distribution!r}; "
               f"choose one of {available_distributions()}")
@@ -200,6 +248,13 @@ def validate(cfg: RunConfig) -> None:
         _fail("lora.ranks", f"gives {len(cfg.lora.ranks)} ranks but num_clients is {cfg.num_clients}")
     if cfg.data_options.dirichlet_alpha <= 0:
         _fail("data_options.dirichlet_alpha", "must be > 0")
+    if cfg.data_options.max_per_task < 0:
+        _fail("data_options.max_per_task", "must be >= 0 (0 = no cap)")
+    for section, sec in (("data_options", cfg.data_options), ("eval", cfg.eval)):
+        for key in ("instruction_field", "output_field"):
+            # Unlike task/input/id, these fields cannot be absent, so "" (none) has no meaning.
+            if not getattr(sec, key).strip():
+                _fail(f"{section}.{key}", "must name a record field (it is required in every record)")
     e = cfg.eval
     for key, v in (("eval.every", e.every), ("eval.max_tasks", e.max_tasks),
                    ("eval.max_examples_per_task", e.max_examples_per_task)):

@@ -26,7 +26,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from flexlora.core.aggregators import Aggregator, GlobalState, get_aggregator
+from flexlora.core.aggregators.hetlora import pruned_ranks
 from flexlora.core.distributions import (
     PAPER_CLIENT_TYPES,
     ClientType,
@@ -43,8 +44,16 @@ from flexlora.core.distributions import (
     types_from_ranks,
 )
 from flexlora.core.lowrank import stable_seed
+from flexlora.core.sparse import SparseUpdate, aggregate_sparse, lora_share, mask_counts, stage2_state
 from flexlora.core.types import AggregationError, ClientUpdate, Factors, validate_round
-from flexlora.data import Example, TaskData, load_task_data, partition_examples
+from flexlora.data import (
+    JSONL_FIELD_DEFAULTS,
+    Example,
+    TaskData,
+    load_eval_data,
+    load_task_data,
+    partition_examples,
+)
 from flexlora.data.templates import encode_example, encode_prompt
 from flexlora.engines.checkpoint import (
     CheckpointError,
@@ -61,6 +70,7 @@ from flexlora.training.evaluate import eval_loss, evaluate_generation
 from flexlora.training.export import save_merged_model, save_peft_adapter
 from flexlora.training.local import LocalTrainConfig
 from flexlora.training.models import load_base_model, model_lora_targets, module_shapes
+from flexlora.training.sparse import SparseTask, merged_sparse_change
 
 TIME_KEYS = ("seconds", "eval_seconds", "aggregate_seconds")
 
@@ -91,6 +101,34 @@ def client_types_for(cfg: RunConfig) -> list[ClientType]:
     return [ClientType(t.name, t.attention_rank, t.mlp_rank, cfg.lora.alpha) for t in PAPER_CLIENT_TYPES]
 
 
+# Keys added after runs were first checkpointed, with their defaults: a key at its default is
+# left out of the fingerprint, so that a run checkpointed before the key existed still resumes.
+_LATER_KEYS: dict[tuple[str, str], Any] = {
+    ("lora", "rslora"): False,
+    **{("data_options", k): v for k, v in JSONL_FIELD_DEFAULTS.items()},
+    ("eval", "data"): "",
+    ("train", "hetlora_prune"): True,
+    ("train", "hetlora_prune_threshold"): 1e-3,
+    ("train", "hetlora_min_rank"): 0,
+    **{("eval", k): v for k, v in JSONL_FIELD_DEFAULTS.items()},
+}
+
+
+def run_fingerprint(cfg: RunConfig) -> str:
+    """The identity of a run that a checkpoint must match to be resumed.
+
+    Everything but ``rounds`` and the [flower] settings; keys added to the config later (such
+    as ``lora.rslora``) count only when they differ from their default.
+    """
+    d = cfg.to_dict()
+    if cfg.aggregator.lower() != "slora":
+        d.pop("slora", None)  # no effect on other aggregators, and absent from older runs
+    for (section, key), default in _LATER_KEYS.items():
+        if section in d and key in d[section] and d[section][key] == default:
+            d[section] = {k: v for k, v in d[section].items() if k != key}
+    return config_fingerprint(d, ignore=("rounds", "flower"))
+
+
 def local_train_config(cfg: RunConfig) -> LocalTrainConfig:
     """The local training settings of every client of a run."""
     t = cfg.train
@@ -105,14 +143,41 @@ def encoding_options(cfg: RunConfig) -> EncodingOptions:
     return EncodingOptions(cfg.train.template, cfg.train.cutoff_len, cfg.train.train_on_inputs)
 
 
+def _field_options(section: Any) -> dict[str, str | None]:
+    """The generic loader's field names set in a config section (``data_options`` or ``eval``).
+
+    Only the ones that differ from the loader's defaults are passed on, since any field-name
+    option makes the loader read a JSON file generically and rejects non-JSON sources; ``""``
+    is the config's way to say "no such field" (``None``).
+    """
+    return {k: getattr(section, k) or None for k, default in JSONL_FIELD_DEFAULTS.items()
+            if getattr(section, k) != default}
+
+
 def load_run_data(cfg: RunConfig) -> TaskData:
     """The run's data set through the project's loaders, with the config's data options."""
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = _field_options(cfg.data_options)
     if cfg.data_options.max_per_task:
         options["max_per_task"] = cfg.data_options.max_per_task
     if cfg.data_options.unseen_tasks:
         options["unseen_tasks"] = list(cfg.data_options.unseen_tasks)
-    return load_task_data(cfg.data, **options)
+    return load_task_data(cfg.data, spec_key="data", option_prefix="data_options.", **options)
+
+
+def load_run_eval_data(cfg: RunConfig) -> TaskData | None:
+    """The separate evaluation set of ``eval.data`` (its tasks are ``unseen``), or ``None`` when unset.
+
+    Raises
+    ------
+    DataError
+        A missing or malformed ``eval.data``, or a record without a required field (the fix
+        names the ``--set eval.*`` key to use).
+    """
+    e = cfg.eval
+    if not e.data:
+        return None
+    return load_eval_data(e.data, max_per_task=e.max_examples_per_task or None, spec_key="eval.data",
+                          option_prefix="eval.", **_field_options(e))
 
 
 def sample_round_clients(num_clients: int, clients_per_round: float, seed: int, rnd: int) -> list[int]:
@@ -196,6 +261,10 @@ class Federation:
         self.state: GlobalState | None = None
         self.start_round = 1
         self._restored_assignment: list[tuple[str, int, int, float]] | None = None
+        # HetLoRA's self-pruned ranks: client -> per-module ranks, for the clients that pruned.
+        self.pruned: dict[int, dict[str, int]] = {}
+        # SLoRA's stage-1 global change (values on each module's largest mask prefix).
+        self.slora_change: dict[str, torch.Tensor] | None = None
         self._setup()
 
     # ----------------------------------------------------------------- setup
@@ -206,7 +275,9 @@ class Federation:
                 f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir}, "
                 "or choose another --output"
             )
-        if cfg.aggregator.lower() in ("fedavg", "fedit") and cfg.rank_distribution != "homo" and not cfg.lora.ranks:
+        homo_only = cfg.aggregator.lower() in ("fedavg", "fedit") or (
+            cfg.aggregator.lower() == "slora" and cfg.slora.then == "fedit")
+        if homo_only and cfg.rank_distribution != "homo" and not cfg.lora.ranks:
             # Rejected before anything loads: FedAvg averages A and B entrywise, so all ranks must agree.
             if len(client_types_for(cfg)) > 1:
                 raise AggregationError(
@@ -260,7 +331,7 @@ class Federation:
         self.train_cfg = local_train_config(cfg)
         self.encoding = encoding_options(cfg)
         self._build_eval_set()
-        self.fingerprint = config_fingerprint(cfg.to_dict(), ignore=("rounds", "flower"))
+        self.fingerprint = run_fingerprint(cfg)
         atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
         if self.resume:
             self._restore()
@@ -271,9 +342,12 @@ class Federation:
         used = [self._type_ranks[i] for i in sorted(set(self.client_type))]
         self.max_rank = max(max(r.values()) for r in used)
         agg_opts = dict(cfg.aggregator_options)
-        if cfg.aggregator.lower() == "flexlora":
+        self.is_slora = cfg.aggregator.lower() == "slora"
+        # SLoRA's stage 2 is FedIT or FlexLoRA; its stage 1 is handled by the federation itself.
+        name = cfg.slora.then if self.is_slora else cfg.aggregator
+        if name.lower() == "flexlora":
             agg_opts.setdefault("max_rank", self.max_rank)
-        self.aggregator: Aggregator = get_aggregator(cfg.aggregator, **agg_opts)
+        self.aggregator: Aggregator = get_aggregator(name, **agg_opts)
         self.is_flora = self.aggregator.name == "flora"
         if cfg.export.rank:
             self.export_ranks = {m: min(cfg.export.rank, *s) for m, s in self.shapes.items()}
@@ -295,15 +369,26 @@ class Federation:
 
     def _build_eval_set(self) -> None:
         cfg = self.cfg.eval
-        tasks = sorted(self.data.unseen)
+        separate = load_run_eval_data(self.cfg)
+        source = self.data.unseen if separate is None else separate.unseen
+        if separate is not None:
+            self.log(f"evaluating on eval.data {cfg.data}: {len(source)} tasks")
+            shared = sorted(set(source) & set(self.data.train))
+            if shared:
+                self.log(f"warning: eval.data tasks {shared[:5]} are also training tasks, so their scores "
+                         "are not zero-shot")
+        tasks = sorted(source)
         if cfg.max_tasks:
             tasks = tasks[: cfg.max_tasks]
         self.eval_items: list[tuple[str, list[int], tuple[str, ...]]] = []
         self.eval_features: list[dict[str, list[int]]] = []
+        # The examples behind eval_items, in the same order (what was evaluated, for inspection).
+        self.eval_examples: list[Example] = []
         for task in tasks:
-            exs = self.data.unseen[task]
+            exs = source[task]
             if cfg.max_examples_per_task:
                 exs = exs[: cfg.max_examples_per_task]
+            self.eval_examples.extend(exs)
             for ex in exs:
                 prompt = encode_prompt(self.tokenizer, ex, template=self.encoding.template,
                                        cutoff_len=self.encoding.cutoff_len)
@@ -316,8 +401,9 @@ class Federation:
     # --------------------------------------------------------------- clients
     def client_spec(self, k: int) -> ClientSpec:
         t = self.client_type[k]
-        return ClientSpec(client_id=f"client{k:05d}", ranks=self._type_ranks[t], alpha=self.types[t].alpha,
-                          type_name=self.types[t].name)
+        ranks = self.pruned.get(k) or self._type_ranks[t]
+        return ClientSpec(client_id=f"client{k:05d}", ranks=ranks, alpha=self.types[t].alpha,
+                          type_name=self.types[t].name, rslora=self.cfg.lora.rslora)
 
     def client_examples(self, k: int) -> list[Example]:
         return [self._examples[i] for i in self.partition.clients[k]]
@@ -334,6 +420,8 @@ class Federation:
             "config": self.cfg.to_dict(),
             "global_state": self.state.state_dict() if self.state is not None else None,
             "assignment": [list(a) for a in self._assignment()],
+            "pruned_ranks": {str(k): dict(v) for k, v in sorted(self.pruned.items())},
+            "slora_change": dict(self.slora_change) if self.slora_change is not None else None,
             "partition_hash": self.partition.manifest()["hash"],
             "records": self.records,
             "rng": {"torch": torch.get_rng_state(), "python": list(py_state), "python_version": py_version,
@@ -355,6 +443,10 @@ class Federation:
                 GlobalState.from_state_dict(ckpt["global_state"]) if ckpt["global_state"] is not None else None
             )
             self.records = list(ckpt["records"])
+            self.pruned = {int(k): {str(m): int(r) for m, r in v.items()}
+                           for k, v in ckpt.get("pruned_ranks", {}).items()}
+            change = ckpt.get("slora_change")
+            self.slora_change = {str(m): v for m, v in change.items()} if change is not None else None
             self.start_round = int(ckpt["round"]) + 1
             rng = ckpt["rng"]
             torch.set_rng_state(rng["torch"])
@@ -398,23 +490,77 @@ class Federation:
         )
         base_delta = None
         if self.is_flora and self.state is not None:
-            base_delta = self.aggregator.stacked(self.state, self.cfg.lora.alpha)  # type: ignore[attr-defined]
+            base_delta = self.aggregator.stacked(  # type: ignore[attr-defined]
+                self.state, self.cfg.lora.alpha, rslora=self.cfg.lora.rslora)
+        if self.in_slora_stage1(rnd):
+            return [ClientTask(round=rnd, client=k, spec=self.client_spec(k), init=None,
+                               seed=stable_seed("client", self.cfg.seed, rnd, k),
+                               sparse=SparseTask(self.slora_counts(k), self.cfg.seed, self.slora_change))
+                    for k in sampled]
         tasks = []
         for k in sampled:
             spec = self.client_spec(k)
             init = None
             if self.state is not None and not self.is_flora:
-                init = self.aggregator.distribute(self.state, spec.ranks, spec.alpha)
+                init = self.aggregator.distribute(self.state, spec.ranks, spec.alpha, rslora=spec.rslora)
             tasks.append(ClientTask(round=rnd, client=k, spec=spec, init=init, base_delta=base_delta,
                                     seed=stable_seed("client", self.cfg.seed, rnd, k), hetlora=hetlora))
         return tasks
+
+    # ---------------------------------------------------------------- SLoRA
+    def in_slora_stage1(self, rnd: int) -> bool:
+        """Whether round ``rnd`` is one of SLoRA's sparse stage-1 rounds."""
+        return self.is_slora and rnd <= self.cfg.slora.stage1_rounds
+
+    def slora_counts(self, k: int | None = None) -> dict[str, int]:
+        """Stage-1 mask size per module of client ``k`` (its type's density), or, for ``None``, the
+        largest over the run's client types (the support of the global change)."""
+        d = self.cfg.slora.density
+
+        def of(ranks: dict[str, int]) -> dict[str, int]:
+            return mask_counts(self.shapes, d if d > 0 else {m: lora_share(ranks[m], s)
+                                                              for m, s in self.shapes.items()})
+
+        if k is not None:
+            return of(self._type_ranks[self.client_type[k]])
+        per_type = [of(self._type_ranks[i]) for i in sorted(set(self.client_type))]
+        return {m: max(c[m] for c in per_type) for m in self.shapes}
+
+    def _slora_stage2_state(self, rnd: int) -> GlobalState:
+        # Stage 2 starts from the SVD of the whole stage-1 change (not from scratch).
+        assert self.slora_change is not None
+        then = self.cfg.slora.then
+        ranks = self.max_rank if then == "flexlora" else self._type_ranks[self.client_type[0]]
+        return stage2_state(self.slora_change, self.shapes, self.cfg.seed, then=then, max_rank=ranks,
+                            alpha=self.cfg.lora.alpha, rslora=self.cfg.lora.rslora, round=rnd)
+
+    def _check_sparse(self, task: ClientTask, update: Any) -> str | None:
+        if not isinstance(update, SparseUpdate):
+            return f"a stage-1 SLoRA round needs sparse changes, got {type(update).__name__}"
+        assert task.sparse is not None
+        if set(update.values) != set(self.shapes):
+            return "the sparse change's modules differ from the run's"
+        for m, k in task.sparse.counts.items():
+            v = update.values[m]
+            if tuple(v.shape) != (k,):
+                return f"module {m!r}: sparse change of shape {tuple(v.shape)}, expected ({k},)"
+            if not torch.isfinite(v).all():
+                return f"module {m!r}: the sparse change holds NaN or Inf"
+        if update.num_examples <= 0:
+            return f"num_examples is {update.num_examples}"
+        return None
 
     def check_update(self, task: ClientTask, update: ClientUpdate) -> str | None:
         """Why ``update`` cannot be aggregated as the reply to ``task`` (None when it can).
 
         Checks the module set, each module's shape and rank against what the client was asked
-        to train, the alpha, the example count and that every value is finite.
+        to train, the alpha and scaling rule, the example count and that every value is finite
+        (for an SLoRA stage-1 task: the sparse change's modules, sizes and values).
         """
+        if task.sparse is not None:
+            return self._check_sparse(task, update)
+        if not isinstance(update, ClientUpdate):
+            return f"expected LoRA factors, got {type(update).__name__}"
         missing = sorted(set(self.shapes) - set(update.factors))
         extra = sorted(set(update.factors) - set(self.shapes))
         if missing or extra:
@@ -427,6 +573,11 @@ class Federation:
                         f"A({r}, {in_f}) and B({out_f}, {r})")
         if float(update.alpha) != float(task.spec.alpha):
             return f"alpha {update.alpha!r} differs from the client's {task.spec.alpha!r}"
+        if update.rslora is not task.spec.rslora:
+            # Aggregating it anyway would mis-scale its update by sqrt(r); an engine whose messages
+            # do not carry the flag (it then defaults to False) must be stopped here, not trusted.
+            return (f"rslora {update.rslora!r} differs from the client's {task.spec.rslora!r} (lora.rslora); "
+                    "the engine must carry the flag to the client and back")
         try:
             validate_round([update], check_finite=self.aggregator.check_finite)
         except AggregationError as exc:
@@ -465,8 +616,15 @@ class Federation:
                 f"min_clients) and continue with --resume {self.run_dir}"
             )
         t0 = time.perf_counter()
-        self.state = self.aggregator.aggregate([o.update for o in valid], previous=self.state)  # type: ignore[misc]
+        if self.in_slora_stage1(rnd):
+            self.slora_change = aggregate_sparse([o.update for o in valid], self.slora_counts(),  # type: ignore[misc]
+                                                 previous=self.slora_change)
+            if rnd == self.cfg.slora.stage1_rounds:
+                self.state = self._slora_stage2_state(rnd)
+        else:
+            self.state = self.aggregator.aggregate([o.update for o in valid], previous=self.state)  # type: ignore[misc]
         agg_seconds = time.perf_counter() - t0
+        pruned_now = self._self_prune(rnd, valid)
         group_losses: dict[str, list[float]] = {}
         for o in valid:
             group_losses.setdefault(o.task.spec.type_name, []).append(o.train_loss)
@@ -480,12 +638,39 @@ class Federation:
             "bytes_down": int(sum(o.bytes_down for o in outcomes)),
             "bytes": {o.task.spec.client_id: {"type": o.task.spec.type_name, "up": int(o.bytes_up),
                                               "down": int(o.bytes_down)} for o in outcomes},
-            "spectrum": self._spectrum(),
             "aggregate_seconds": agg_seconds,
         }
+        if self.state is not None:
+            record["spectrum"] = self._spectrum()
+            record["tail_energy"] = self.tail_energy()
+        if self.is_slora:
+            record["slora_stage"] = 1 if self.in_slora_stage1(rnd) else 2
+        record["ranks"] = {o.task.spec.client_id: _rank_summary(o.task.spec.ranks, self.groups) for o in outcomes}
+        if pruned_now:
+            record["pruned"] = pruned_now
         if dropped:
             record["dropped"] = dropped
         return record
+
+    def _self_prune(self, rnd: int, valid: Sequence[ClientOutcome]) -> dict[str, dict[str, Any]]:
+        """HetLoRA's rank self-pruning, decided on each client's returned factors: the ranks it
+        trains at in its next rounds (never below the floor). Returns what changed, per client."""
+        t = self.cfg.train
+        if self.aggregator.name != "hetlora" or not t.hetlora_prune:
+            return {}
+        used = sorted(set(self.client_type))
+        floor = {m: t.hetlora_min_rank or min(self._type_ranks[i][m] for i in used) for m in self.shapes}
+        changed: dict[str, dict[str, Any]] = {}
+        for o in valid:
+            assert o.update is not None
+            old = o.task.spec.ranks
+            keep = pruned_ranks(o.update.factors, gamma=t.hetlora_gamma, threshold=t.hetlora_prune_threshold)
+            new = {m: max(min(keep[m], old[m]), min(floor[m], old[m])) for m in old}
+            if new != old:
+                self.pruned[o.task.client] = new
+                changed[o.task.spec.client_id] = _rank_summary(new, self.groups)
+                self.log(f"round {rnd}: {o.task.spec.client_id} pruned its ranks to {changed[o.task.spec.client_id]}")
+        return changed
 
     def end_round(self, rnd: int, record: dict[str, Any], tb: TensorBoardLog | None = None) -> None:
         """Evaluate when due, then write the checkpoint, metrics.jsonl and TensorBoard for round ``rnd``."""
@@ -508,15 +693,30 @@ class Federation:
         s = st.svd.S if st.svd is not None else st.to_svd().S
         return {"module": m, "top": [float(x) for x in s[:top]], "rank_held": int(s.shape[0])}
 
+    def tail_energy(self) -> float:
+        """Share of the global update's energy beyond the smallest client rank, over every module:
+        ``sum_m sum_{i > r_min(m)} s_i^2 / sum_m sum_i s_i^2`` (the "rank collapse" measure)."""
+        assert self.state is not None
+        used = sorted(set(self.client_type))
+        tail = total = 0.0
+        for m in self.shapes:
+            st = self.state.modules[m]
+            s2 = (st.svd.S if st.svd is not None else st.to_svd().S).double() ** 2
+            r_min = min(self._type_ranks[i][m] for i in used)
+            tail += float(s2[r_min:].sum())
+            total += float(s2.sum())
+        return tail / total if total > 0 else 0.0
+
     # ------------------------------------------------------------- evaluation
     def global_factors(self, rank: int | None = None) -> dict[str, Factors]:
         """The global adapter as LoRA factors at ``rank`` (default: the export rank), capped per
         module at ``min(out, in)``. FLoRA with ``export.rank`` 0 gives the exact stacked update."""
         assert self.state is not None
         if rank is None and self.is_flora and not self.cfg.export.rank:
-            return self.aggregator.stacked(self.state, self.cfg.lora.alpha)  # type: ignore[attr-defined]
+            return self.aggregator.stacked(  # type: ignore[attr-defined]
+                self.state, self.cfg.lora.alpha, rslora=self.cfg.lora.rslora)
         ranks = self.export_ranks if rank is None else {m: min(rank, *s) for m, s in self.shapes.items()}
-        return self.aggregator.distribute(self.state, ranks, self.cfg.lora.alpha)
+        return self.aggregator.distribute(self.state, ranks, self.cfg.lora.alpha, rslora=self.cfg.lora.rslora)
 
     def evaluate(self, factors: dict[str, Factors] | None = None, *, with_loss: bool = True) -> dict[str, Any]:
         """Rouge-L of greedy answers (and the eval loss) on the unseen tasks.
@@ -530,11 +730,15 @@ class Federation:
         cfg = self.cfg.eval
         if factors is None and self.state is not None:
             factors = self.global_factors()
-        if factors is None:
-            ctx: contextlib.AbstractContextManager = contextlib.nullcontext(self.model)
+        if factors is None and self.slora_change is not None:
+            # Inside SLoRA's stage 1 the global model is W0 plus the sparse change itself.
+            ctx: contextlib.AbstractContextManager = _with_model(
+                merged_sparse_change(self.model, self.slora_change, self.shapes, self.cfg.seed), self.model)
+        elif factors is None:
+            ctx = contextlib.nullcontext(self.model)
         else:
             ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
-            ctx = client_adapter(self.model, ranks, self.cfg.lora.alpha, factors)
+            ctx = client_adapter(self.model, ranks, self.cfg.lora.alpha, factors, rslora=self.cfg.lora.rslora)
         with ctx as model:
             model.eval()
             gen = evaluate_generation(model, self.tokenizer, self.eval_items, max_new_tokens=cfg.max_new_tokens,
@@ -557,7 +761,7 @@ class Federation:
             if self.is_flora:
                 # FLoRA clients do not receive a truncated adapter; they train on the full global.
                 continue
-            factors = self.aggregator.distribute(self.state, ranks, t.alpha)
+            factors = self.aggregator.distribute(self.state, ranks, t.alpha, rslora=self.cfg.lora.rslora)
             out[t.name] = self.evaluate(factors, with_loss=False)["rougeL"]
         return out
 
@@ -606,13 +810,17 @@ class Federation:
 
     def finish(self, seconds: float) -> RunResult:
         """Export the adapter (PEFT format), plots and the summary."""
+        if self.state is None and self.slora_change is not None:
+            # A run that ends inside SLoRA's stage 1 exports the LoRA its stage 2 would start from.
+            self.state = self._slora_stage2_state(self.cfg.rounds)
         if self.state is None:
             raise RuntimeError("no round has run; nothing to export")
         factors = self.global_factors()
         save_peft_adapter(self.model, factors, self.cfg.lora.alpha, self.run_dir / "adapter",
-                          base_model_name_or_path=self.cfg.model)
+                          base_model_name_or_path=self.cfg.model, rslora=self.cfg.lora.rslora)
         if self.cfg.export.merged:
-            save_merged_model(self.model, self.tokenizer, factors, self.cfg.lora.alpha, self.run_dir / "merged")
+            save_merged_model(self.model, self.tokenizer, factors, self.cfg.lora.alpha, self.run_dir / "merged",
+                              rslora=self.cfg.lora.rslora)
         plot_curves(self.records, self.run_dir / "plots")
         counts = type_counts([self.types[t] for t in self.client_type])
         info = {
@@ -628,6 +836,20 @@ class Federation:
         summary = summary_table(self.records, info)
         atomic_write_text(self.run_dir / "summary.txt", summary)
         return RunResult(self.run_dir, self.records, summary)
+
+
+@contextlib.contextmanager
+def _with_model(ctx: contextlib.AbstractContextManager, model: Any) -> Any:
+    with ctx:
+        yield model
+
+
+def _rank_summary(ranks: Mapping[str, int], groups: Mapping[str, str]) -> dict[str, Any]:
+    """A client's ranks per module group: one int when the group's modules agree, else [min, max]."""
+    by: dict[str, list[int]] = {}
+    for m, r in ranks.items():
+        by.setdefault(groups.get(m, "other"), []).append(r)
+    return {g: v[0] if min(v) == max(v) else [min(v), max(v)] for g, v in sorted(by.items())}
 
 
 def deterministic_view(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

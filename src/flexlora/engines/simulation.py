@@ -24,7 +24,7 @@ from flexlora.engines.federation import (
     resolve_device,
     sample_round_clients,
 )
-from flexlora.training.client import ClientTask, factor_bytes, run_client_task
+from flexlora.training.client import ClientTask, run_client_task, task_bytes, update_bytes
 
 __all__ = ["ClientOutcome", "Federation", "FederationError", "LocalEngine", "RunResult", "Simulation",
            "client_types_for", "default_run_dir", "deterministic_view", "resolve_device", "sample_round_clients"]
@@ -58,9 +58,8 @@ class LocalEngine:
                 update, result = run_client_task(fed.model, fed.tokenizer, task, fed.client_examples(task.client),
                                                  fed.train_cfg, encoding=fed.encoding, dropout=fed.cfg.lora.dropout,
                                                  on_step=on_step)
-                down = factor_bytes(task.init or {}) + factor_bytes(task.base_delta or {})
                 outcomes.append(ClientOutcome(task, update, train_loss=result.mean_loss, steps=result.steps,
-                                              bytes_up=factor_bytes(update.factors), bytes_down=down))
+                                              bytes_up=update_bytes(update), bytes_down=task_bytes(task)))
                 if self._kill_at == (rnd, len(outcomes)):
                     os.kill(os.getpid(), signal.SIGKILL)
         return outcomes

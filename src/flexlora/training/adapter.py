@@ -8,7 +8,8 @@ exactly as it was for the next client. :func:`client_adapter` wraps the cycle in
 
 Factors follow :mod:`flexlora.core.types`: ``{module_name: (A, B)}`` keyed by the base model's
 module name (as in ``base_model.named_modules()``), ``A: (r, in_features)``,
-``B: (out_features, r)``, effective update ``(alpha / r) * B @ A``.
+``B: (out_features, r)``, effective update ``(alpha / r) * B @ A``, or ``(alpha / sqrt(r)) * B @ A``
+with rsLoRA (``rslora=True``, peft's ``use_rslora``).
 
 Name matching in peft
 ---------------------
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from flexlora.core.types import Factors
+from flexlora.core.types import Factors, lora_scaling
 
 __all__ = [
     "attach_adapter",
@@ -143,10 +144,12 @@ def attach_adapter(
     *,
     dropout: float = 0.0,
     adapter_name: str = "default",
+    rslora: bool = False,
 ):
     """Wrap ``base_model`` in a PEFT LoRA adapter with per-module ranks.
 
-    Module ``m`` gets rank ``ranks[m]`` and scaling ``alpha / ranks[m]``. New factors use peft's
+    Module ``m`` gets rank ``ranks[m]`` and scaling ``alpha / ranks[m]`` (``alpha / sqrt(ranks[m])``
+    with ``rslora``, peft's ``use_rslora``). New factors use peft's
     standard initialisation (``A`` Kaiming-uniform, ``B`` zero, so the update starts at zero)
     drawn from the global torch RNG: seed it before calling for reproducible clients.
 
@@ -163,6 +166,8 @@ def attach_adapter(
     dropout : float, default 0.0
         LoRA dropout probability.
     adapter_name : str, default "default"
+    rslora : bool, default False
+        Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
 
     Returns
     -------
@@ -181,6 +186,8 @@ def attach_adapter(
 
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    if not isinstance(rslora, bool):
+        raise ValueError(f"rslora must be True or False, got {rslora!r}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if isinstance(base_model, peft.PeftModel) or hasattr(base_model, "peft_config"):
@@ -197,6 +204,7 @@ def attach_adapter(
         r=max(ranks.values()),
         rank_pattern={rank_pattern_key(m): r for m, r in ranks.items()},
         lora_alpha=float(alpha),
+        use_rslora=rslora,
         lora_dropout=float(dropout),
         bias="none",
         task_type="CAUSAL_LM",
@@ -211,14 +219,14 @@ def attach_adapter(
         model = peft.get_peft_model(base_model, config, adapter_name=adapter_name)
     object.__setattr__(model, _SAVED_STATE_ATTR, saved)
     try:
-        _verify(model, ranks, float(alpha), adapter_name)
+        _verify(model, ranks, float(alpha), adapter_name, rslora)
     except Exception:
         detach_adapter(model)
         raise
     return model
 
 
-def _verify(model: nn.Module, ranks: Mapping[str, int], alpha: float, adapter_name: str) -> None:
+def _verify(model: nn.Module, ranks: Mapping[str, int], alpha: float, adapter_name: str, rslora: bool) -> None:
     layers = _lora_layers(model, adapter_name)
     if set(layers) != set(ranks):
         extra = sorted(set(layers) - set(ranks))[:5]
@@ -226,10 +234,13 @@ def _verify(model: nn.Module, ranks: Mapping[str, int], alpha: float, adapter_na
         raise RuntimeError(f"peft adapted the wrong modules (unexpected: {extra}, not adapted: {missing})")
     for name, layer in layers.items():
         r = layer.r[adapter_name]
-        if r != ranks[name] or not math.isclose(layer.scaling[adapter_name], alpha / ranks[name], rel_tol=1e-12):
+        # The server's maths assumes this exact scaling; a peft that scaled differently (or
+        # ignored use_rslora) would silently train a different update.
+        want = lora_scaling(alpha, ranks[name], rslora)
+        if r != ranks[name] or not math.isclose(layer.scaling[adapter_name], want, rel_tol=1e-12):
             raise RuntimeError(
                 f"module {name!r}: peft built rank {r} with scaling {layer.scaling[adapter_name]}, "
-                f"expected rank {ranks[name]} with scaling {alpha / ranks[name]}"
+                f"expected rank {ranks[name]} with scaling {want}"
             )
 
 
@@ -337,11 +348,13 @@ def client_adapter(
     *,
     dropout: float = 0.0,
     adapter_name: str = "default",
+    rslora: bool = False,
 ) -> Iterator[nn.Module]:
     """Attach a client's adapter for the duration of a ``with`` block.
 
     Yields the peft model (with ``factors`` loaded when given, otherwise peft's seeded fresh
-    initialisation) and detaches it on exit, also when the block raises.
+    initialisation) and detaches it on exit, also when the block raises. The arguments are
+    those of :func:`attach_adapter` (``rslora`` selects ``alpha / sqrt(r)`` scaling).
 
     Examples
     --------
@@ -349,7 +362,7 @@ def client_adapter(
     ...     train_local(model, features, cfg, seed=0)
     ...     update = get_factors(model)
     """
-    model = attach_adapter(base_model, ranks, alpha, dropout=dropout, adapter_name=adapter_name)
+    model = attach_adapter(base_model, ranks, alpha, dropout=dropout, adapter_name=adapter_name, rslora=rslora)
     try:
         if factors is not None:
             set_factors(model, factors)

@@ -15,21 +15,26 @@ from dataclasses import dataclass
 import torch
 
 from flexlora.core.aggregators.hetlora import rank_pruning_penalty
-from flexlora.core.types import ClientUpdate, Factors
+from flexlora.core.sparse import SparseUpdate
+from flexlora.core.types import ClientUpdate, Factors, lora_scaling
 from flexlora.data.examples import Example
 from flexlora.data.templates import encode_example
 from flexlora.training.adapter import client_adapter, get_factors, live_factors
 from flexlora.training.local import LocalTrainConfig, LocalTrainResult, train_local
+from flexlora.training.sparse import SparseTask, train_sparse_client
 
 
 @dataclass
 class ClientSpec:
-    """What the server knows of a client: its id, its per-module ranks and alpha, its type name."""
+    """What the server knows of a client: its id, its per-module ranks and alpha, its type name,
+    and whether it scales by ``alpha / sqrt(r)`` (``rslora``; last and defaulted so that
+    positional construction of the other fields is unchanged)."""
 
     client_id: str
     ranks: dict[str, int]
     alpha: float
     type_name: str
+    rslora: bool = False
 
 
 @dataclass
@@ -72,7 +77,7 @@ def train_client(
     base_model : the shared, frozen base model (left unchanged on return).
     tokenizer : its tokenizer.
     spec : ClientSpec
-        The client's id, per-module ranks and alpha.
+        The client's id, per-module ranks, alpha and scaling rule (``spec.rslora``).
     examples : sequence of Example
         The client's local training data; ``len(examples)`` is its ``num_examples``.
     init_factors : mapping module -> (A, B) or None
@@ -101,7 +106,8 @@ def train_client(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with client_adapter(base_model, spec.ranks, spec.alpha, init_factors, dropout=dropout) as model:
+        with client_adapter(base_model, spec.ranks, spec.alpha, init_factors, dropout=dropout,
+                            rslora=spec.rslora) as model:
             result = train_local(model, features, train_cfg, seed=seed, regularizer=regularizer, on_step=on_step)
             factors = get_factors(model)
     update = ClientUpdate(
@@ -110,6 +116,7 @@ def train_client(
         alpha=spec.alpha,
         client_id=spec.client_id,
         metadata={"type": spec.type_name, "train_loss": result.mean_loss, "steps": result.steps},
+        rslora=spec.rslora,
     )
     return update, result
 
@@ -131,9 +138,11 @@ class ClientTask:
         Seeds the client's adapter initialisation, batch order and dropout.
     base_delta : mapping module -> (A, B) or None
         FLoRA only: the exact global update as factors of rank ``R``, with effective update
-        ``(spec.alpha / R) B @ A``, merged into the base weights while the client trains a fresh LoRA.
+        ``(spec.alpha / R) B @ A`` (``spec.alpha / sqrt(R)`` with ``spec.rslora``), merged into the base weights while the client trains a fresh LoRA.
     hetlora : (strength, gamma) or None
         HetLoRA's rank self-pruning regulariser.
+    sparse : SparseTask or None
+        SLoRA's stage 1: train a sparse change on the client's mask instead of LoRA factors.
     """
 
     round: int
@@ -143,13 +152,26 @@ class ClientTask:
     seed: int
     base_delta: Mapping[str, Factors] | None = None
     hetlora: tuple[float, float] | None = None
+    sparse: SparseTask | None = None
 
 
 @contextlib.contextmanager
-def merged_into_base(base_model: torch.nn.Module, delta: Mapping[str, Factors] | None, alpha: float) -> Iterator[None]:
-    """Add ``(alpha / r) B @ A`` of every module in ``delta`` to the base weights for the duration
-    of the block, then copy the original weights back bit for bit (FLoRA's clients train on
-    ``W0 + global``)."""
+def merged_into_base(
+    base_model: torch.nn.Module, delta: Mapping[str, Factors] | None, alpha: float, *, rslora: bool = False
+) -> Iterator[None]:
+    """Add ``s B @ A`` of every module in ``delta`` to the base weights for the duration of the
+    block, then copy the original weights back bit for bit (FLoRA's clients train on
+    ``W0 + global``).
+
+    Parameters
+    ----------
+    base_model : torch.nn.Module
+    delta : mapping module -> (A, B) or None
+        None or empty leaves the base untouched.
+    alpha : float
+    rslora : bool, default False
+        ``s = alpha / sqrt(r)`` instead of ``alpha / r``: the scaling ``delta`` was made for.
+    """
     if not delta:
         yield
         return
@@ -160,7 +182,8 @@ def merged_into_base(base_model: torch.nn.Module, delta: Mapping[str, Factors] |
             for m, (a, b) in delta.items():
                 w = modules[m].weight
                 saved[m] = w.detach().clone()
-                w.add_(((float(alpha) / a.shape[0]) * (b.to(torch.float32) @ a.to(torch.float32))).to(w))
+                scale = lora_scaling(alpha, a.shape[0], rslora)
+                w.add_((scale * (b.to(torch.float32) @ a.to(torch.float32))).to(w))
         yield
     finally:
         with torch.no_grad():
@@ -181,10 +204,18 @@ def run_client_task(
 ) -> tuple[ClientUpdate, LocalTrainResult]:
     """One client's round from a :class:`ClientTask`: the function every engine calls on the client side.
 
-    Merges FLoRA's ``base_delta`` into the base (when given), then runs :func:`train_client`.
-    The base model is bit-identical on return.
+    Merges FLoRA's ``base_delta`` into the base (when given), then runs :func:`train_client`; an
+    SLoRA stage-1 task (``task.sparse``) trains its sparse change instead and returns a
+    :class:`~flexlora.core.sparse.SparseUpdate`. The base model is bit-identical on return.
     """
-    with merged_into_base(base_model, task.base_delta, task.spec.alpha):
+    if task.sparse is not None:
+        if not examples:
+            raise ValueError(f"client {task.spec.client_id!r} has no training examples")
+        shapes = {m: tuple(dict(base_model.named_modules())[m].weight.shape) for m in task.sparse.counts}
+        features = encode_examples(tokenizer, examples, encoding or EncodingOptions())
+        return train_sparse_client(base_model, features, examples, task.sparse, shapes, train_cfg,  # type: ignore[return-value]
+                                   seed=task.seed, client_id=task.spec.client_id)
+    with merged_into_base(base_model, task.base_delta, task.spec.alpha, rslora=task.spec.rslora):
         return train_client(
             base_model, tokenizer, task.spec, examples, task.init, train_cfg, seed=task.seed,
             encoding=encoding, hetlora=task.hetlora, dropout=dropout, on_step=on_step,
@@ -194,3 +225,17 @@ def run_client_task(
 def factor_bytes(factors: Mapping[str, Factors]) -> int:
     """Bytes of a set of factors as sent over the wire (their element sizes)."""
     return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values())
+
+
+def task_bytes(task: ClientTask) -> int:
+    """Bytes the server sends a client for ``task``: its factors, FLoRA's base, SLoRA's global change."""
+    sparse = task.sparse.global_change if task.sparse is not None and task.sparse.global_change else {}
+    return (factor_bytes(task.init or {}) + factor_bytes(task.base_delta or {})
+            + sum(v.numel() * v.element_size() for v in sparse.values()))
+
+
+def update_bytes(update: ClientUpdate | SparseUpdate) -> int:
+    """Bytes a client sends back: its factors, or SLoRA's stage-1 values (the mask is not sent)."""
+    if isinstance(update, SparseUpdate):
+        return sum(v.numel() * v.element_size() for v in update.values.values())
+    return factor_bytes(update.factors)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from flexlora._atomic import make_sibling_dir
-from flexlora.core.types import Factors
+from flexlora.core.types import Factors, lora_scaling
 from flexlora.training.adapter import client_adapter
 
 __all__ = ["atomic_directory_write", "save_merged_model", "save_peft_adapter"]
@@ -82,14 +82,15 @@ def save_peft_adapter(
     out_dir: str | os.PathLike[str],
     *,
     base_model_name_or_path: str,
+    rslora: bool = False,
 ) -> Path:
     """Write ``factors`` as a standard PEFT LoRA adapter directory.
 
     The directory holds ``adapter_config.json`` (per-module ranks in ``rank_pattern``, with keys
-    anchored to exact module names; ``lora_alpha = alpha``) and ``adapter_model.safetensors``,
-    written by peft's own ``save_pretrained``. Stock
+    anchored to exact module names; ``lora_alpha = alpha``; ``use_rslora = rslora``) and
+    ``adapter_model.safetensors``, written by peft's own ``save_pretrained``. Stock
     ``peft.PeftModel.from_pretrained(base, out_dir)`` on the same base model reproduces the
-    effective update ``(alpha / r) B A`` of every module.
+    effective update ``(alpha / r) B A`` (``(alpha / sqrt(r)) B A`` with ``rslora``) of every module.
 
     Parameters
     ----------
@@ -104,6 +105,8 @@ def save_peft_adapter(
     base_model_name_or_path : str
         Recorded in the config so the base can be found again (a model spec such as
         ``builtin:tiny-llama``, a directory or a hub id).
+    rslora : bool, default False
+        The factors are scaled by ``alpha / sqrt(r)`` (rsLoRA); recorded as ``use_rslora``.
 
     Returns
     -------
@@ -113,7 +116,7 @@ def save_peft_adapter(
     ranks = _ranks_of(factors)
 
     def write(tmp: Path) -> None:
-        with client_adapter(base_model, ranks, alpha, factors) as model:
+        with client_adapter(base_model, ranks, alpha, factors, rslora=rslora) as model:
             config = model.peft_config[model.active_adapter]
             config.base_model_name_or_path = base_model_name_or_path
             # Loaders then get a frozen adapter by default, as for any exported adapter.
@@ -121,12 +124,12 @@ def save_peft_adapter(
             # "auto" would look up the base on the Hugging Face Hub to decide about embeddings;
             # we never adapt embeddings, so say so and stay offline.
             model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
-        _check_saved_ranks(tmp, ranks)
+        _check_saved_config(tmp, ranks, rslora)
 
     return atomic_directory_write(out_dir, write)
 
 
-def _check_saved_ranks(directory: Path, ranks: Mapping[str, int]) -> None:
+def _check_saved_config(directory: Path, ranks: Mapping[str, int], rslora: bool) -> None:
     from flexlora.training.adapter import rank_pattern_key
 
     cfg = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
@@ -134,11 +137,18 @@ def _check_saved_ranks(directory: Path, ranks: Mapping[str, int]) -> None:
     wrong = [m for m, r in ranks.items() if saved.get(rank_pattern_key(m)) != r]
     if wrong:
         raise RuntimeError(f"peft did not record the ranks of {wrong[:5]} in adapter_config.json")
+    # Without the flag a loader would apply alpha / r to factors made for alpha / sqrt(r).
+    if bool(cfg.get("use_rslora", False)) != rslora:
+        raise RuntimeError(f"peft recorded use_rslora={cfg.get('use_rslora')!r} in adapter_config.json, "
+                           f"expected {rslora}")
 
 
 @torch.no_grad()
-def merged_state_dict(base_model: nn.Module, factors: Mapping[str, Factors], alpha: float) -> dict[str, torch.Tensor]:
-    """The base model's state dict with ``W + (alpha / r) B A`` in every adapted weight.
+def merged_state_dict(
+    base_model: nn.Module, factors: Mapping[str, Factors], alpha: float, *, rslora: bool = False
+) -> dict[str, torch.Tensor]:
+    """The base model's state dict with ``W + s B A`` in every adapted weight, ``s = alpha / r``
+    (``alpha / sqrt(r)`` with ``rslora``).
 
     Adapted weights are new tensors (the product is formed in fp32, then cast to the weight's
     dtype); all others are the base's own tensors, so the base is never modified and only the
@@ -156,7 +166,7 @@ def merged_state_dict(base_model: nn.Module, factors: Mapping[str, Factors], alp
                 f"module {name!r}: factors A{tuple(a.shape)}, B{tuple(b.shape)} do not fit its weight "
                 f"{tuple(w.shape)} (need A: (r, in), B: (out, r))"
             )
-        delta = (float(alpha) / r) * (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32))
+        delta = lora_scaling(alpha, r, rslora) * (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32))
         state[key] = (w.to(torch.float32) + delta).to(w.dtype)
     return state
 
@@ -167,8 +177,11 @@ def save_merged_model(
     factors: Mapping[str, Factors],
     alpha: float,
     out_dir: str | os.PathLike[str],
+    *,
+    rslora: bool = False,
 ) -> Path:
-    """Save base + ``(alpha / r) B A`` merged into the weights, as a plain Hugging Face model.
+    """Save base + ``(alpha / r) B A`` (``(alpha / sqrt(r)) B A`` with ``rslora``) merged into the
+    weights, as a plain Hugging Face model.
 
     The shared base model is not modified: the merged weights go into a separate state dict
     (:func:`merged_state_dict`) passed to ``save_pretrained``. The tokenizer is saved alongside
@@ -180,7 +193,7 @@ def save_merged_model(
         The directory written.
     """
     _ranks_of(factors)
-    state = merged_state_dict(base_model, factors, alpha)
+    state = merged_state_dict(base_model, factors, alpha, rslora=rslora)
 
     def write(tmp: Path) -> None:
         base_model.save_pretrained(str(tmp), state_dict=state)

@@ -189,8 +189,9 @@ def train_local(
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     pad_token_id: int | None = None,
+    params: Sequence[torch.Tensor] | None = None,
 ) -> LocalTrainResult:
-    """Train the LoRA factors of ``model`` on ``features``.
+    """Train the LoRA factors of ``model`` (or the given ``params``) on ``features``.
 
     Parameters
     ----------
@@ -211,6 +212,9 @@ def train_local(
         cross entropy (NaN if the step had no target token).
     pad_token_id : int, optional
         Filler id for padded positions; defaults to ``model.config.pad_token_id`` or 0.
+    params : sequence of Tensor, optional
+        The leaf tensors to optimise instead of the LoRA factors (SLoRA's stage-1 sparse
+        changes, which ``model``'s forward must use).
 
     Returns
     -------
@@ -225,10 +229,12 @@ def train_local(
     """
     if len(features) == 0:
         raise ValueError("train_local needs at least one training feature")
-    factors = live_factors(model)
-    if not factors:
-        raise ValueError("the model holds no LoRA factors; attach an adapter first (attach_adapter)")
-    params = [p for pair in factors.values() for p in pair]
+    if params is None:
+        factors = live_factors(model)
+        if not factors:
+            raise ValueError("the model holds no LoRA factors; attach an adapter first (attach_adapter)")
+        params = [p for pair in factors.values() for p in pair]
+    params = list(params)
     for p in params:
         p.requires_grad_(True)
     if cfg.optimizer == "adamw":

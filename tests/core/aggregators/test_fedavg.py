@@ -97,3 +97,37 @@ def test_single_client_is_returned_unchanged(helpers, gen):
     for m in SHAPES:
         torch.testing.assert_close(out[m][0], u.factors[m][0])
         torch.testing.assert_close(out[m][1], u.factors[m][1])
+
+
+# ---------------------------------------------------------------------------------------- rsLoRA
+
+
+def test_rslora_factorwise_mean_and_scale_by_hand(helpers, gen):
+    updates = [helpers.make_update(gen, SHAPES, RANKS, num_examples=n, alpha=16.0, rslora=True) for n in (4, 10, 6)]
+    agg = FedAvg()
+    state = agg.aggregate(updates)
+    assert state.extra == {"alpha": 16.0, "rslora": True}
+    for m, r in RANKS.items():  # ranks 4 and 6: sqrt(r) != r
+        A_bar = sum(n * u.factors[m][0].double() for n, u in zip((4, 10, 6), updates)) / 20
+        B_bar = sum(n * u.factors[m][1].double() for n, u in zip((4, 10, 6), updates)) / 20
+        assert state.modules[m].scale == pytest.approx(16.0 / r**0.5)
+        want = (16.0 / r**0.5) * B_bar @ A_bar
+        torch.testing.assert_close(dense_update(state, m).double(), want, rtol=1e-5, atol=1e-5)
+        # an rsLoRA receiver of the same alpha gets the averaged factors back unchanged
+        A, B = agg.distribute(state, RANKS, 16.0, rslora=True)[m]
+        torch.testing.assert_close(A.double(), A_bar, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(B.double(), B_bar, rtol=1e-6, atol=1e-6)
+    # a plain-LoRA receiver gets B rescaled so that its (alpha / r) B A is the same update
+    plain = agg.distribute(state, RANKS, 8.0)
+    for m in RANKS:
+        assert helpers.rel_err(helpers.effective(plain, 8.0)[m], dense_update(state, m)) <= 1e-6
+    # plain-LoRA states keep exactly the contents they had before rsLoRA existed
+    assert FedAvg().aggregate(_homo_round(helpers, gen)).extra == {"alpha": 16.0}
+
+
+def test_rslora_mixed_with_plain_refused(helpers, gen):
+    updates = _homo_round(helpers, gen)
+    u = updates[1]
+    updates[1] = ClientUpdate(u.factors, num_examples=u.num_examples, alpha=u.alpha, rslora=True)
+    with pytest.raises(AggregationError, match="rslora"):
+        FedAvg().aggregate(updates)

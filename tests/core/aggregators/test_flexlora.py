@@ -18,14 +18,14 @@ from flexlora.core import AggregationError, ClientUpdate, FlexLoRA, dense_update
 F32_RTOL = 1e-5
 
 
-def _assert_matches_reference(helpers, updates, state, factors, ranks, alpha, *, rtol):
+def _assert_matches_reference(helpers, updates, state, factors, ranks, alpha, *, rtol, rslora=False):
     for m, (A, B) in factors.items():
         r = ranks[m]
         out_f, in_f = state.shapes[m]
         assert A.shape == (r, in_f) and B.shape == (out_f, r)
         ref = helpers.reference_dense(updates, m)
         ref_norm = float(torch.linalg.norm(ref))
-        eff = helpers.effective({m: (A, B)}, alpha)[m]
+        eff = helpers.effective({m: (A, B)}, alpha, rslora=rslora)[m]
         # Eckart-Young: the error of the distributed update is the optimum, whatever the gap.
         err = float(torch.linalg.norm(ref - eff))
         assert err <= helpers.tail_error(ref, r) + rtol * ref_norm, m
@@ -435,3 +435,90 @@ def test_aggregation_on_cuda_matches_cpu_reference(helpers, gen):
     A_bar = (3 * homo[0].factors["m"][0] + 9 * homo[1].factors["m"][0]) / 12
     torch.testing.assert_close(state.modules["m"].A.cpu(), A_bar)
     assert math.isfinite(float(dense_update(state, "m").sum()))
+
+
+# ---------------------------------------------------------------------------------------- rsLoRA
+# Ranks 2..9 throughout: there sqrt(r) != r, so a code path that ignored rslora would be off by a
+# factor sqrt(r) and fail every comparison below.
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_rslora_distribute_matches_naive_reference_property(helpers, data):
+    # Clients mix alpha / r and alpha / sqrt(r); the reference scales each by its own rule.
+    updates, shapes = helpers.draw_round(data, rslora=None)
+    agg = FlexLoRA()
+    state = agg.aggregate(updates)
+    for m in shapes:
+        assert helpers.rel_err(dense_update(state, m), helpers.reference_dense(updates, m)) <= F32_RTOL
+    alpha = data.draw(st.sampled_from([16.0, 1.0, 7.5]), label="recv_alpha")
+    ranks = {m: data.draw(st.integers(1, min(s)), label=f"recv_rank_{m}") for m, s in shapes.items()}
+    factors = agg.distribute(state, ranks, alpha, rslora=True)
+    _assert_matches_reference(helpers, updates, state, factors, ranks, alpha, rtol=F32_RTOL, rslora=True)
+
+
+def test_rslora_aggregate_and_redistribution_by_hand(gen):
+    ranks, ns, alphas = (2, 5, 9), (7, 20, 13), (16.0, 8.0, 16.0)
+    updates = []
+    for r, n, a in zip(ranks, ns, alphas):
+        A = torch.randn(r, 26, generator=gen)
+        B = torch.randn(30, r, generator=gen)
+        updates.append(ClientUpdate({"m": (A, B)}, num_examples=n, alpha=a, rslora=True))
+    # Naive reference, written out here: sum_k (n_k / N) (alpha_k / sqrt(r_k)) B_k A_k in float64.
+    total = sum(ns)
+    ref = torch.zeros(30, 26, dtype=torch.float64)
+    plain = torch.zeros(30, 26, dtype=torch.float64)
+    for u in updates:
+        A, B = u.factors["m"]
+        r = A.shape[0]
+        ref += (u.num_examples / total) * (u.alpha / math.sqrt(r)) * (B.double() @ A.double())
+        plain += (u.num_examples / total) * (u.alpha / r) * (B.double() @ A.double())
+    agg = FlexLoRA()
+    state = agg.aggregate(updates)
+    got = dense_update(state, "m").double()
+    assert float(torch.linalg.norm(got - ref) / torch.linalg.norm(ref)) <= 1e-5
+    # Guard: the plain-LoRA aggregate is far from it, so ignoring rslora would fail above.
+    assert float(torch.linalg.norm(plain - ref) / torch.linalg.norm(ref)) > 0.1
+    U, S, Vh = torch.linalg.svd(ref, full_matrices=False)
+    for r, alpha in ((3, 16.0), (6, 4.0), (16, 16.0)):
+        A, B = agg.distribute(state, r, alpha, rslora=True)["m"]
+        assert A.shape == (r, 26) and B.shape == (30, r)
+        best = (U[:, :r] * S[:r]) @ Vh[:r]  # Eckart-Young: the best rank-r approximation
+        eff = (alpha / math.sqrt(r)) * (B.double() @ A.double())
+        assert float(torch.linalg.norm(eff - best) / torch.linalg.norm(best)) <= 1e-5, r
+        # The same factors read with the plain scaling are a different update.
+        wrong = (alpha / r) * (B.double() @ A.double())
+        assert float(torch.linalg.norm(wrong - best) / torch.linalg.norm(best)) > 0.1, r
+        # A plain-LoRA receiver gets other factors with the same effective update.
+        A2, B2 = agg.distribute(state, r, alpha)["m"]
+        eff2 = (alpha / r) * (B2.double() @ A2.double())
+        assert float(torch.linalg.norm(eff2 - best) / torch.linalg.norm(best)) <= 1e-5, r
+
+
+@pytest.mark.parametrize("split", ["B", "A", "sqrt"])
+def test_rslora_split_and_padding_keep_effective_update(helpers, gen, split):
+    shapes = {"m": (14, 12)}
+    updates = [helpers.make_update(gen, shapes, 2, num_examples=3, rslora=True),
+               helpers.make_update(gen, shapes, 3, num_examples=4)]
+    agg = FlexLoRA(split=split)
+    state = agg.aggregate(updates)
+    ref = helpers.reference_dense(updates, "m")
+    for r in (3, 4, 9):  # 3 and 4 truncate the rank-5 global update, 9 pads it
+        A, B = agg.distribute(state, r, 10.0, rslora=True)["m"]
+        eff = helpers.effective({"m": (A, B)}, 10.0, rslora=True)["m"]
+        assert helpers.rel_err(eff, helpers.best_rank(ref, r)) <= 1e-5, r
+
+
+def test_rslora_is_its_own_cache_entry(helpers, gen):
+    shapes = {"m": (20, 16)}
+    updates = [helpers.make_update(gen, shapes, 4, num_examples=3)]
+    agg = FlexLoRA()
+    state = agg.aggregate(updates)
+    plain = agg.distribute(state, 4, 16.0)["m"]
+    rs = agg.distribute(state, 4, 16.0, rslora=True)["m"]
+    # Same A, and B differs by the ratio of the scalings: (16 / 4) / (16 / 2) = 1 / 2.
+    torch.testing.assert_close(rs[0], plain[0])
+    torch.testing.assert_close(rs[1], plain[1] * 0.5, rtol=1e-6, atol=1e-7)
+    assert torch.equal(agg.distribute(state, 4, 16.0)["m"][1], plain[1])
+    with pytest.raises(AggregationError, match="rslora"):
+        agg.distribute(state, 4, 16.0, rslora="true")  # type: ignore[arg-type]

@@ -109,3 +109,62 @@ def test_distribute_is_best_rank_r_and_svd_once(helpers, gen, monkeypatch):
             assert float(torch.linalg.norm(ref - eff)) <= helpers.tail_error(ref, r) + 1e-5 * float(torch.linalg.norm(ref))
             assert helpers.rel_err(eff, helpers.best_rank(ref, r)) <= 1e-4
     assert len(calls) == len(SHAPES)  # one SVD per module, whatever the number of ranks
+
+
+# ---------------------------------------------------------------------------------------- rsLoRA
+# Ranks 2..4 and stacks of rank 4..9: sqrt(r) != r everywhere, so ignoring rslora fails.
+RS_ROUND1 = [({"q": 2, "down": 3}, 8, 16.0, True), ({"q": 4, "down": 2}, 2, 8.0, False),
+             ({"q": 3, "down": 2}, 30, 32.0, True)]
+RS_ROUND2 = [({"q": 3, "down": 2}, 5, 16.0, True), ({"q": 2, "down": 4}, 9, 4.0, True)]
+
+
+def _rs_round(helpers, gen, specs):
+    return [helpers.make_update(gen, SHAPES, r, num_examples=n, alpha=a, rslora=rs) for r, n, a, rs in specs]
+
+
+def _hand_dense(updates, m):
+    # sum_k p_k s_k B_k A_k written out here, s_k = alpha_k / sqrt(r_k) for rsLoRA clients.
+    total = sum(u.num_examples for u in updates)
+    out = 0
+    for u in updates:
+        a, b = u.factors[m]
+        r = a.shape[0]
+        s = u.alpha / (r**0.5 if u.rslora else r)
+        out = out + (u.num_examples / total) * s * (b.double() @ a.double())
+    return out
+
+
+def test_rslora_stack_accumulates_exactly(helpers, gen):
+    agg = FLoRA()
+    r1, r2 = _rs_round(helpers, gen, RS_ROUND1), _rs_round(helpers, gen, RS_ROUND2)
+    s2 = agg.aggregate(r2, previous=agg.aggregate(r1))
+    for m in SHAPES:
+        want = _hand_dense(r1, m) + _hand_dense(r2, m)
+        assert helpers.rel_err(dense_update(s2, m), want) <= 1e-6
+
+
+@pytest.mark.parametrize("alpha", [16.0, 3.0])
+def test_rslora_stacked_factors_reproduce_global_exactly(helpers, gen, alpha):
+    agg = FLoRA()
+    state = agg.aggregate(_rs_round(helpers, gen, RS_ROUND2), previous=agg.aggregate(_rs_round(helpers, gen, RS_ROUND1)))
+    stacked = agg.stacked(state, alpha, rslora=True)
+    plain = agg.stacked(state, alpha)
+    for m, (A, B) in stacked.items():
+        R = A.shape[0]
+        assert R == state.modules[m].rank and R > 1
+        assert helpers.rel_err((alpha / R**0.5) * B.double() @ A.double(), dense_update(state, m)) <= 1e-6
+        # B is the plain-LoRA B times sqrt(R) / R: the ratio of the two scalings
+        torch.testing.assert_close(B, plain[m][1] / R**0.5, rtol=1e-6, atol=1e-7)
+
+
+def test_rslora_distribute_is_best_rank_r(helpers, gen):
+    agg = FLoRA()
+    updates = _rs_round(helpers, gen, RS_ROUND1)
+    state = agg.aggregate(updates)
+    for r in (2, 3, 5):
+        out = agg.distribute(state, r, 8.0, rslora=True)
+        for m in SHAPES:
+            U, S, Vh = torch.linalg.svd(_hand_dense(updates, m), full_matrices=False)
+            best = (U[:, :r] * S[:r]) @ Vh[:r]
+            eff = (8.0 / r**0.5) * out[m][1].double() @ out[m][0].double()
+            assert helpers.rel_err(eff, best) <= 1e-4, (m, r)

@@ -195,3 +195,62 @@ def test_pruned_ranks_decisions(gen):
     # an all-zero update is not pruned (no information to decide on)
     z = torch.zeros(10, 6)
     assert pruned_ranks({"m": (z, torch.zeros(7, 10))}, gamma=0.9) == {"m": 10}
+
+
+# ---------------------------------------------------------------------------------------- rsLoRA
+
+
+def _rslora_round(helpers, gen):
+    # Ranks 2..6 (sqrt(r) != r); the first client uses plain LoRA, so the round is mixed.
+    return [
+        helpers.make_update(gen, SHAPES, {"q": 2, "up": 6}, num_examples=5, alpha=16.0, scale=0.5),
+        helpers.make_update(gen, SHAPES, {"q": 5, "up": 3}, num_examples=20, alpha=8.0, scale=2.0, rslora=True),
+        helpers.make_update(gen, SHAPES, {"q": 3, "up": 4}, num_examples=12, alpha=32.0, rslora=True),
+    ]
+
+
+def _hand_scale(u, r):
+    # Written out independently of flexlora.core: alpha / sqrt(r) for rsLoRA, alpha / r otherwise.
+    return u.alpha / (math.sqrt(r) if u.rslora else r)
+
+
+def test_rslora_zero_padding_and_norm_weights_by_hand(helpers, gen):
+    updates = _rslora_round(helpers, gen)
+    state = HetLoRA().aggregate(updates)
+    for m in SHAPES:
+        out_f, in_f = SHAPES[m]
+        r_max = max(u.factors[m][0].shape[0] for u in updates)
+        norms = [float(torch.linalg.norm(_hand_scale(u, u.factors[m][0].shape[0])
+                                         * u.factors[m][1].double() @ u.factors[m][0].double())) for u in updates]
+        w = [n / sum(norms) for n in norms]
+        A = torch.zeros(r_max, in_f, dtype=torch.float64)
+        B = torch.zeros(out_f, r_max, dtype=torch.float64)
+        plain_B = torch.zeros(out_f, r_max, dtype=torch.float64)
+        for wk, u in zip(w, updates):
+            a, b = u.factors[m]
+            r = a.shape[0]
+            A[:r] += wk * a.double()
+            B[:, :r] += wk * _hand_scale(u, r) * b.double()
+            plain_B[:, :r] += wk * (u.alpha / r) * b.double()
+        st = state.modules[m]
+        torch.testing.assert_close(st.A.double(), A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.B.double(), B, rtol=1e-5, atol=1e-6)
+        # Guard: folding alpha / r instead would give a visibly different B.
+        assert float(torch.linalg.norm(plain_B - B)) > 0.1 * float(torch.linalg.norm(B))
+
+
+@pytest.mark.parametrize("alpha", [16.0, 4.0])
+def test_rslora_distribute_truncates_first_ranks_rescaled(helpers, gen, alpha):
+    updates = _rslora_round(helpers, gen)
+    agg = HetLoRA()
+    state = agg.aggregate(updates)
+    ranks = {"q": 3, "up": 2}
+    out = agg.distribute(state, ranks, alpha, rslora=True)
+    for m, r in ranks.items():
+        A, B = out[m]
+        Ag, Bg = state.modules[m].A, state.modules[m].B
+        torch.testing.assert_close(A, Ag[:r])
+        torch.testing.assert_close(B, Bg[:, :r] * (math.sqrt(r) / alpha))
+        # the receiver's (alpha / sqrt(r)) B A is the first r ranks of the padded global product
+        eff = helpers.effective(out, alpha, rslora=True)[m]
+        torch.testing.assert_close(eff, Bg[:, :r].double() @ Ag[:r].double(), rtol=1e-5, atol=1e-6)

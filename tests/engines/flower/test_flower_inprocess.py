@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_common import TINY
+from engine_common import TINY, run_cli
 from safetensors.torch import load_file
 
 from flexlora.core.distributions import types_from_budget
@@ -49,8 +49,10 @@ def _metrics(d: Path) -> list[dict]:
 @pytest.mark.parametrize("extra", [
     [],
     ["aggregator=hetlora"],
+    ["aggregator=hetlora", "train.hetlora_prune_threshold=1.0"],  # every client self-prunes each round
     ["aggregator=flora"],
     ["aggregator=fedavg", "rank_distribution=homo"],
+    ["lora.rslora=true"],
 ])
 def test_same_adapter_and_metrics_as_the_in_process_engine(tmp_path: Path, extra: list[str]) -> None:
     extra = ["rounds=2", *extra]
@@ -152,6 +154,21 @@ def test_a_silent_node_is_dropped_and_the_run_continues(tmp_path: Path) -> None:
     assert any(f"client{victim:05d} on node {100 + victim} dropped" in m for m in logs)
 
 
+def test_the_superlinks_reply_for_a_dead_node_is_matched_to_that_node(tmp_path: Path) -> None:
+    # A real SuperLink answers for a node that died with NODE_UNAVAILABLE from its own node id (1):
+    # the reply must be matched to the task it answers, not to its sender.
+    from flexlora.engines.federation import sample_round_clients
+
+    logs: list[str] = []
+    victim = sample_round_clients(4, 3, 0, 1)[1]
+    res, _ = _flower(tmp_path, "u", ["rounds=1", "eval.every=0", "eval.baseline=false", "eval.per_type=false"],
+                     grid_hook=lambda g: g.unavailable.update({100 + victim: 1}), logs=logs)
+    rec = _metrics(res.run_dir)[-1]
+    assert [d["client"] for d in rec["dropped"]] == [f"client{victim:05d}"]
+    assert rec["dropped"][0]["reason"].startswith("the node is unavailable (crashed or disconnected)")
+    assert not any("ignored" in m for m in logs), [m for m in logs if "ignored" in m]
+
+
 def test_too_few_replies_stop_with_an_error_and_an_intact_checkpoint(tmp_path: Path) -> None:
     silence = lambda g: g.silent.update({n: 2 for n in range(100, 104)})  # noqa: E731
     with pytest.raises(FederationError, match=r"round 2: 0 of 3 .*min_clients = 2.*--resume"):
@@ -205,28 +222,18 @@ def test_a_node_that_raises_is_dropped_with_its_error(tmp_path: Path) -> None:
     assert "dropped" not in _metrics(res.run_dir)[-1]
 
 
-def _cli(args: list[str], env_extra: dict[str, str] | None = None):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "flexlora.cli.main", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
-
-
 def test_server_killed_mid_run_resumes_to_the_uninterrupted_adapter(tmp_path: Path) -> None:
     sets = [x for s in [*TINY, "rounds=3", "eval.every=2"] for x in ("--set", s)]
     full = tmp_path / "full"
-    res = _cli(["run", *sets, "--output", str(full), "--no-progress"])  # the in-process engine
+    res = run_cli(["run", *sets, "--output", str(full), "--no-progress"])  # the in-process engine
     assert res.returncode == 0, res.stderr
     killed = tmp_path / "killed"
     # SIGKILL of the ServerApp after round 3's replies arrived, before they were aggregated.
-    res = _cli(["run", *sets, "--output", str(killed), "--engine", "flower-inprocess"],
+    res = run_cli(["run", *sets, "--output", str(killed), "--engine", "flower-inprocess"],
                {"FLEXLORA_SERVER_KILL_AT": "3"})
     assert res.returncode == -9, (res.returncode, res.stderr[-2000:])
     assert load_checkpoint(killed / "checkpoints")["round"] == 2
-    res = _cli(["run", "--resume", str(killed), "--engine", "flower-inprocess"])
+    res = run_cli(["run", "--resume", str(killed), "--engine", "flower-inprocess"])
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = _adapter(full), _adapter(killed)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
@@ -235,7 +242,7 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_adapter(tmp_path: Pa
 
 def test_cli_reports_a_failed_federation_with_exit_3(tmp_path: Path) -> None:
     # Every sampled client is rejected (non-finite lr makes no sense; use min_clients above the sample).
-    res = _cli(["run", *[x for s in [*TINY, "rounds=1", "min_clients=4"] for x in ("--set", s)],
+    res = run_cli(["run", *[x for s in [*TINY, "rounds=1", "min_clients=4"] for x in ("--set", s)],
                 "--output", str(tmp_path / "x"), "--engine", "flower-inprocess"])
     assert res.returncode == 3, res.stderr[-2000:]
     assert "min_clients = 4" in res.stderr

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 
 from flexlora.core.lowrank import LowRankSVD, stable_seed, svd_of_product, truncate_to_factors
-from flexlora.core.types import AggregationError, ClientUpdate, Factors, check_rank_request
+from flexlora.core.types import (
+    AggregationError,
+    ClientUpdate,
+    Factors,
+    check_rank_request,
+    lora_scaling_denominator,
+)
 
 
 @dataclass
@@ -149,24 +155,40 @@ class Aggregator(ABC):
         """
 
     def distribute(
-        self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0
+        self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
     ) -> dict[str, Factors]:
         """Factors ``{module: (A, B)}`` for a client of ``rank`` (one int, or one per module).
 
-        The effective update ``(alpha / r) B @ A`` of each module is the best rank-``r``
+        The effective update ``s B @ A`` of each module, with the receiving client's scaling
+        ``s = alpha / r`` (``alpha / sqrt(r)`` when ``rslora``), is the best rank-``r``
         approximation of the global update. Truncations are cached per distinct
-        ``(module, rank, alpha)``, so sending the same rank to many clients costs one truncation;
-        each call returns fresh copies.
+        ``(module, rank, alpha, rslora)``, so sending the same rank to many clients costs one
+        truncation; each call returns fresh copies.
+
+        Parameters
+        ----------
+        state : GlobalState
+        rank : int or mapping of str to int
+        alpha : float, default 16.0
+            The receiving client's LoRA alpha.
+        rslora : bool, default False
+            The receiving client scales its update by ``alpha / sqrt(r)`` (rsLoRA).
+
+        Returns
+        -------
+        dict of str to (Tensor, Tensor)
         """
         _check_alpha(alpha)
+        _check_rslora(rslora)
         ranks = check_rank_request(rank, state.shapes)
         out: dict[str, Factors] = {}
         for m, r in ranks.items():
-            key = (m, r, float(alpha), self.split)
+            key = (m, r, float(alpha), self.split, rslora)
             if key not in state._cache:
                 svd = self._module_svd(state, m)
                 state._cache[key] = truncate_to_factors(
-                    svd, r, alpha, split=self.split, pad_seed=stable_seed(self.seed, m, r)  # type: ignore[arg-type]
+                    svd, r, alpha, split=self.split, pad_seed=stable_seed(self.seed, m, r),  # type: ignore[arg-type]
+                    rslora=rslora,
                 )
             a, b = state._cache[key]
             # Clones: a caller that trains the factors in place must not alter the cache
@@ -191,13 +213,20 @@ def _check_alpha(alpha: float) -> None:
         raise AggregationError(f"alpha must be a positive finite number, got {alpha!r}")
 
 
+def _check_rslora(rslora: bool) -> None:
+    # Strict: a truthy non-bool (the string "false") would silently change the scaling.
+    if not isinstance(rslora, bool):
+        raise AggregationError(f"rslora must be True or False, got {rslora!r}")
+
+
 def scaled_stack(
     updates: Sequence[ClientUpdate], module: str, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Bc, Ac)`` with ``Bc = [p_k (alpha_k / r_k) B_k]`` (``out x R``) and ``Ac = [A_k]`` (``R x in``).
+    """``(Bc, Ac)`` with ``Bc = [p_k s_k B_k]`` (``out x R``) and ``Ac = [A_k]`` (``R x in``).
 
-    ``Bc @ Ac == sum_k p_k (alpha_k / r_k) B_k A_k``. Each client's coefficient is formed in
-    float64 before it scales ``B_k``.
+    ``Bc @ Ac == sum_k p_k s_k B_k A_k`` with each client's own scaling ``s_k = alpha_k / r_k``
+    (``alpha_k / sqrt(r_k)`` for a client with ``rslora``). Each client's coefficient is formed
+    in float64 before it scales ``B_k``.
     """
     first_a = updates[0].factors[module][0]
     dtype = first_a.dtype if first_a.dtype == torch.float64 else torch.float32
@@ -205,7 +234,8 @@ def scaled_stack(
     bs, as_ = [], []
     for w, u in zip(weights.tolist(), updates):
         a, b = u.factors[module]
-        coef = w * float(u.alpha) / a.shape[0]
+        # (w * alpha) / denominator, the rounding order this coefficient always had.
+        coef = w * float(u.alpha) / lora_scaling_denominator(a.shape[0], u.rslora)
         bs.append(b.to(device=device, dtype=dtype).T * coef)
         as_.append(a.to(device=device, dtype=dtype))
     # Bc is returned column-major (the transpose of a row-major R x out stack), the layout LAPACK's
@@ -216,7 +246,7 @@ def scaled_stack(
 def dense_update(state: GlobalState, module: str) -> torch.Tensor:
     """The dense global update ``out x in`` of ``module`` (for tests, analysis and export).
 
-    For FlexLoRA it is the full-size weighted average ``sum_k p_k (alpha_k / r_k) B_k A_k``
+    For FlexLoRA it is the full-size weighted average ``sum_k p_k s_k B_k A_k``
     of the last round, exactly (up to float rounding) when the state keeps its full rank.
     """
     return state.dense(module)

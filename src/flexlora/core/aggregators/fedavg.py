@@ -7,7 +7,8 @@ https://arxiv.org/abs/2305.05644 (FedIT: FedAvg of LoRA factors, AdamW locally).
 
 ``A`` and ``B`` are averaged separately with weights ``p_k``. The product of the averages is not
 the average of the products; that inexactness is the point of comparison with FlexLoRA. Every
-client must use the same rank per module and the same alpha.
+client must use the same rank per module, the same alpha and the same scaling rule (plain LoRA or
+rsLoRA).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha
+from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha, _check_rslora
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
     Factors,
     check_rank_request,
     client_weights,
+    lora_scaling,
+    lora_scaling_denominator,
     validate_round,
 )
 
@@ -50,6 +53,14 @@ class FedAvg(Aggregator):
                 "use 'flexlora' (or 'hetlora') for heterogeneous clients"
             )
         alpha = alphas.pop()
+        # Averaging A and B entrywise is only meaningful when every client applies the same scale.
+        rsloras = {u.rslora for u in updates}
+        if len(rsloras) > 1:
+            raise AggregationError(
+                "fedavg needs the same rslora setting on every client, but the round mixes alpha / r and "
+                "alpha / sqrt(r) scaling; use 'flexlora' (or 'hetlora') for heterogeneous clients"
+            )
+        rslora = rsloras.pop()
         weights = client_weights(updates)
         modules: dict[str, ModuleState] = {}
         for name, shape in shapes.items():
@@ -64,21 +75,27 @@ class FedAvg(Aggregator):
             dtype = torch.float64 if first_a.dtype == torch.float64 else torch.float32
             A = sum(w * u.factors[name][0].to(dtype) for w, u in zip(weights.tolist(), updates))
             B = sum(w * u.factors[name][1].to(dtype) for w, u in zip(weights.tolist(), updates))
-            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=alpha / ranks[0])
+            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=lora_scaling(alpha, ranks[0], rslora))
+        # "rslora" is recorded only when set, so that plain-LoRA states (and checkpoints) keep
+        # exactly the contents they had before the option existed.
+        extra: dict = {"alpha": alpha, "rslora": True} if rslora else {"alpha": alpha}
         return GlobalState(
             aggregator=self.name,
             modules=modules,
             round=(previous.round + 1) if previous is not None else 1,
-            extra={"alpha": alpha},
+            extra=extra,
         )
 
-    def distribute(self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0) -> dict[str, Factors]:
+    def distribute(
+        self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
+    ) -> dict[str, Factors]:
         """The averaged factors themselves; ``rank`` must equal the common rank.
 
-        When ``alpha`` differs from the clients' alpha, ``B`` is rescaled so the effective update
-        is unchanged.
+        When ``alpha`` or ``rslora`` differ from the clients' (the state holds the clients' scale),
+        ``B`` is rescaled so that the receiver's effective update equals the global update.
         """
         _check_alpha(alpha)
+        _check_rslora(rslora)
         ranks = check_rank_request(rank, state.shapes)
         out: dict[str, Factors] = {}
         for m, r in ranks.items():
@@ -89,5 +106,5 @@ class FedAvg(Aggregator):
                     "cannot re-rank adapters (use 'flexlora' for heterogeneous ranks)"
                 )
             assert st.A is not None and st.B is not None
-            out[m] = (st.A.clone(), st.B * (st.scale * r / float(alpha)))
+            out[m] = (st.A.clone(), st.B * (st.scale * lora_scaling_denominator(r, rslora) / float(alpha)))
         return out

@@ -4,8 +4,8 @@ Paper: J. Bai, D. Chen, B. Qian, L. Yao, Y. Li, "Federated Fine-tuning of Large 
 under Heterogeneous Tasks and Client Resources", NeurIPS 2024, https://arxiv.org/abs/2402.11505.
 
 Each round the server forms every module's full-size weighted update
-``dW = sum_k p_k (alpha_k / r_k) B_k A_k`` and sends each client the best rank-``r_k``
-approximation of it, from one SVD per module per round. The SVD is computed exactly from two
+``dW = sum_k p_k s_k B_k A_k`` (``s_k = alpha_k / r_k``, or ``alpha_k / sqrt(r_k)`` for an
+rsLoRA client) and sends each client the best rank-``r_k`` approximation of it, from one SVD per module per round. The SVD is computed exactly from two
 thin QR factorisations of the stacked factors when the total rank is small (the dense matrix is
 never formed), and from a dense SVD otherwise (see :mod:`flexlora.core.lowrank`).
 """
@@ -46,7 +46,7 @@ class FlexLoRA(Aggregator):
         Randomized SVD power iterations.
     split : {"B", "A", "sqrt"}, default "B"
         Where distributed factors carry the singular values; "B" is the paper's choice
-        (``A = V_r^T``, ``B = U_r S_r r / alpha``).
+        (``A = V_r^T``, ``B = U_r S_r / s`` with the receiver's scaling ``s``).
     check_finite : bool, default True
         Reject updates holding NaN or Inf.
     seed : int, default 0
@@ -86,7 +86,7 @@ class FlexLoRA(Aggregator):
         self.power_iters = power_iters
 
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
-        """One SVD per module of ``sum_k p_k (alpha_k / r_k) B_k A_k``; ``previous`` is unused
+        """One SVD per module of ``sum_k p_k s_k B_k A_k``; ``previous`` is unused
         because each client's factors already start from the distributed global update."""
         shapes = validate_round(updates, check_finite=self.check_finite)
         weights = client_weights(updates)

@@ -4,8 +4,8 @@ Paper: Z. Wang, Z. Shen, Y. He, G. Sun, H. Wang, L. Lyu, A. Li, "FLoRA: Federate
 Large Language Models with Heterogeneous Low-Rank Adaptations", NeurIPS 2024,
 https://arxiv.org/abs/2409.05976.
 
-Clients' factors are stacked (``B`` by columns scaled by ``p_k alpha_k / r_k``, ``A`` by rows),
-so the product of the stacks is exactly ``sum_k p_k (alpha_k / r_k) B_k A_k``. In FLoRA, clients
+Clients' factors are stacked (``B`` by columns scaled by ``p_k s_k`` with each client's LoRA
+scaling ``s_k``, ``A`` by rows), so the product of the stacks is exactly ``sum_k p_k s_k B_k A_k``. In FLoRA, clients
 train a fresh LoRA each round on top of the current global model, so a round's stacked update
 is an increment that is added to the previous global update. With partial participation the
 increment is the weighted mean over the sampled clients only, and absent clients contribute
@@ -19,9 +19,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha, scaled_stack
+from flexlora.core.aggregators.base import (
+    Aggregator,
+    GlobalState,
+    ModuleState,
+    _check_alpha,
+    _check_rslora,
+    scaled_stack,
+)
 from flexlora.core.lowrank import svd_of_product
-from flexlora.core.types import ClientUpdate, Factors, client_weights, validate_round
+from flexlora.core.types import ClientUpdate, Factors, client_weights, lora_scaling_denominator, validate_round
 
 
 class FLoRA(Aggregator):
@@ -66,22 +73,39 @@ class FLoRA(Aggregator):
             aggregator=self.name, modules=modules, round=(previous.round + 1) if previous is not None else 1
         )
 
-    def stacked(self, state: GlobalState, alpha: float = 16.0) -> dict[str, Factors]:
-        """The exact global update as LoRA factors of rank ``R`` (the stack's size) per module:
-        ``(alpha / R) B @ A`` equals the global update exactly."""
+    def stacked(self, state: GlobalState, alpha: float = 16.0, *, rslora: bool = False) -> dict[str, Factors]:
+        """The exact global update as LoRA factors of rank ``R`` (the stack's size) per module.
+
+        Parameters
+        ----------
+        state : GlobalState
+        alpha : float, default 16.0
+            The receiver's LoRA alpha.
+        rslora : bool, default False
+            The receiver scales by ``alpha / sqrt(R)`` (rsLoRA) instead of ``alpha / R``.
+
+        Returns
+        -------
+        dict of str to (Tensor, Tensor)
+            ``(A, B)`` whose ``(alpha / R) B @ A`` (``(alpha / sqrt(R)) B @ A`` with ``rslora``)
+            equals the global update exactly.
+        """
         _check_alpha(alpha)
+        _check_rslora(rslora)
         out = {}
         for m, st in state.modules.items():
             A, B = _as_factors(st)
-            out[m] = (A.clone(), B * (A.shape[0] / float(alpha)))
+            out[m] = (A.clone(), B * (lora_scaling_denominator(A.shape[0], rslora) / float(alpha)))
         return out
 
-    def distribute(self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0) -> dict[str, Factors]:
+    def distribute(
+        self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
+    ) -> dict[str, Factors]:
         """Best rank-``r`` approximation of the (exact) stacked global update.
 
         Use :meth:`stacked` for the full, untruncated update.
         """
-        return super().distribute(state, rank, alpha)
+        return super().distribute(state, rank, alpha, rslora=rslora)
 
 
 def _as_factors(st: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,13 +5,14 @@ Fine-tuning of On-Device Foundation Models", EMNLP 2024 (arXiv 2401.06432, 2024)
 https://arxiv.org/abs/2401.06432.
 
 Each client's factors are zero-padded to the round's largest rank and averaged factor-wise with
-weights proportional to the Frobenius norm of the client's update ``||(alpha_k/r_k) B_k A_k||_F``
+weights proportional to the Frobenius norm of the client's update ``||s_k B_k A_k||_F``
 (per module). A client of rank ``r`` receives the first ``r`` rows of ``A`` and columns of ``B``.
 Clients add :func:`rank_pruning_penalty` to their loss so that the information they hold
 concentrates in the leading ranks, which truncation keeps.
 
-Each client's scaling ``alpha_k / r_k`` is folded into its ``B`` before averaging, so clients
-with different ranks or alphas are combined on the scale of their effective updates.
+Each client's scaling ``s_k`` (``alpha_k / r_k``, or ``alpha_k / sqrt(r_k)`` with rsLoRA) is folded
+into its ``B`` before averaging, so clients with different ranks, alphas or scaling rules are
+combined on the scale of their effective updates.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha
+from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha, _check_rslora
 from flexlora.core.lowrank import frobenius_of_product, pad_to_rank, stable_seed
 from flexlora.core.types import (
     AggregationError,
@@ -29,6 +30,7 @@ from flexlora.core.types import (
     Factors,
     check_rank_request,
     client_weights,
+    lora_scaling_denominator,
     validate_round,
 )
 
@@ -95,9 +97,13 @@ class HetLoRA(Aggregator):
             return sizes.tolist()
         return (norms / total).tolist()
 
-    def distribute(self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0) -> dict[str, Factors]:
-        """The first ``r`` ranks of the padded global factors (truncation, as in the paper)."""
+    def distribute(
+        self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
+    ) -> dict[str, Factors]:
+        """The first ``r`` ranks of the padded global factors (truncation, as in the paper), with
+        ``B`` divided by the receiver's scaling (``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``)."""
         _check_alpha(alpha)
+        _check_rslora(rslora)
         ranks = check_rank_request(rank, state.shapes)
         out: dict[str, Factors] = {}
         for m, r in ranks.items():
@@ -105,7 +111,7 @@ class HetLoRA(Aggregator):
             assert st.A is not None and st.B is not None
             keep = min(r, st.rank)
             A = st.A[:keep].clone()
-            B = st.B[:, :keep] * (st.scale * r / float(alpha))
+            B = st.B[:, :keep] * (st.scale * lora_scaling_denominator(r, rslora) / float(alpha))
             out[m] = pad_to_rank(A, B, r, st.A.new_zeros(st.shape[1], 0), stable_seed(self.seed, m, r))
         return out
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -140,9 +141,10 @@ class FlexLoRAStrategy(Strategy):
                 for n in nodes]
         # Generous: a Ray simulation's workers or a node's first import can take a while to start.
         replies = list(grid.send_and_receive(msgs, timeout=min(300.0, self.round_timeout)))
+        node_of_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
         answered = set()
         for rep in replies:
-            node = rep.metadata.src_node_id
+            node = node_of_msg.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id)
             answered.add(node)
             self._seen.add(node)
             try:
@@ -173,7 +175,7 @@ class FlexLoRAStrategy(Strategy):
     # ------------------------------------------------------------- Strategy
     def messages_for(self, server_round: int, tasks: Sequence[ClientTask], grid: Grid) -> list[Message]:
         """One ``train`` Message per task whose client has a node."""
-        msgs, self._sent, self._down = [], {}, {}
+        msgs, self._sent, self._down, self._msgs = [], {}, {}, {}
         self._unplaced = [t for t in tasks if t.client not in self.node_of]
         for t in tasks:
             node = self.node_of.get(t.client)
@@ -183,8 +185,10 @@ class FlexLoRAStrategy(Strategy):
             self._down[node] = record_nbytes(content.array_records.get("init")) + record_nbytes(
                 content.array_records.get("base"))
             self._sent[node] = t
-            msgs.append(Message(content, dst_node_id=node, message_type=MSG_TRAIN, ttl=self.round_timeout,
-                                group_id=str(server_round)))
+            msg = Message(content, dst_node_id=node, message_type=MSG_TRAIN, ttl=self.round_timeout,
+                          group_id=str(server_round))
+            self._msgs[node] = msg
+            msgs.append(msg)
         return msgs
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -196,16 +200,20 @@ class FlexLoRAStrategy(Strategy):
     def collect(self, server_round: int, replies: Iterable[Message]) -> list[ClientOutcome]:
         """Turn the replies into one outcome per task: an update, or why there is none."""
         got: dict[int, ClientOutcome] = {}
+        # Match by the message a reply answers, not by its sender: when a node dies, the SuperLink
+        # itself answers for it (an error reply from the SuperLink's own node id).
+        node_of_msg = {m.metadata.message_id: n for n, m in self._msgs.items() if m.metadata.message_id}
         for rep in replies:
-            node = rep.metadata.src_node_id
+            node = node_of_msg.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id)
             task = self._sent.get(node)
-            if task is None:
-                self.log(f"warning: round {server_round}: reply from node {node}, which was sent no task; ignored")
+            if task is None or node in got:
+                self.log(f"warning: round {server_round}: reply from node {rep.metadata.src_node_id} to no message "
+                         "of this round's; ignored")
                 continue
             o = ClientOutcome(task, where=f"node {node}", bytes_down=self._down.get(node, 0))
             try:
                 if rep.has_error():
-                    raise WireError(f"the node failed: {rep.error.reason}")
+                    raise WireError(self._error_reason(rep))
                 o.update, o.train_loss, o.steps, o.bytes_up = decode_reply(rep.content)
             except WireError as exc:
                 o.update, o.failure = None, str(exc)
@@ -219,6 +227,17 @@ class FlexLoRAStrategy(Strategy):
             outcomes.append(ClientOutcome(task, failure=f"no connected node holds partition {task.client}"))
         order = {id(o.task): i for i, o in enumerate(outcomes)}
         return sorted(outcomes, key=lambda o: (o.task.client, order[id(o.task)]))
+
+    def _error_reason(self, rep: Message) -> str:
+        """What an error reply means for the round, in words; the SuperLink answers for a node
+        whose message expired (it timed out) or that stopped sending heartbeats (it died)."""
+        code, reason = rep.error.code, rep.error.reason
+        if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+            return (f"no reply within {self.round_timeout:g}s (crashed, disconnected or too slow); "
+                    f"the SuperLink says: {reason}")
+        if code == ErrorCode.NODE_UNAVAILABLE:
+            return f"the node is unavailable (crashed or disconnected); the SuperLink says: {reason}"
+        return f"the node failed: {reason}"
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -248,6 +267,10 @@ class FlexLoRAStrategy(Strategy):
     def start(self, grid: Grid, *args: Any, **kwargs: Any) -> RunResult:  # type: ignore[override]
         """Run the federation over ``grid`` (the arguments of ``Strategy.start`` are taken from the
         run config instead: rounds, timeouts and evaluation are the federation's)."""
+        if self.fed.is_slora:
+            # Its stage-1 sparse changes have no wire format yet; say so before any node is asked.
+            raise FederationError("aggregator 'slora' runs on the in-process engine only for now "
+                                  "(flexlora run --engine local); on Flower use fedit, flexlora, hetlora or flora")
         self.summary()
         self.discover(grid, self.wait_for_nodes)
         if len(self.node_of) < self.fed.cfg.min_clients:

@@ -5,7 +5,7 @@ Server to node:
 - ``query.capabilities``: empty; the node answers with a ConfigRecord ``capabilities``
   (``partition-id`` and, when its node config declares one, ``client-type``, ``ranks`` or ``budget``).
 - ``train``: ConfigRecord ``task`` (round, client index and id, per-module ranks as JSON, alpha,
-  type, seed, HetLoRA settings, the run's resolved config as TOML), ArrayRecord ``init`` (the global
+  rsLoRA flag, type, seed, HetLoRA settings, the run's resolved config as TOML), ArrayRecord ``init`` (the global
   adapter at the client's ranks; absent in round 1) and, for FLoRA, ArrayRecord ``base``.
 
 Node to server: ArrayRecord ``update`` (the trained factors) and MetricRecord ``metrics``
@@ -94,6 +94,7 @@ def task_content(task: ClientTask, run_config_toml: str, wire_dtype: str = "floa
         "type": task.spec.type_name,
         "ranks": json.dumps(task.spec.ranks, sort_keys=True),
         "alpha": float(task.spec.alpha),
+        "rslora": bool(task.spec.rslora),
         "seed": int(task.seed),
         "hetlora": json.dumps(list(task.hetlora) if task.hetlora else None),
         "run-config": run_config_toml,
@@ -116,6 +117,11 @@ def _get(rec: ConfigRecord | MetricRecord, key: str, kind: type | tuple[type, ..
     return v
 
 
+def _flag(rec: ConfigRecord, key: str, where: str) -> bool:
+    # Absent means False: a peer from before the option speaks plain LoRA.
+    return bool(_get(rec, key, bool, where)) if key in rec else False
+
+
 def content_task(content: RecordDict) -> tuple[ClientTask, str, str]:
     """Decode a ``train`` message: ``(task, run config TOML, wire dtype)``."""
     if "task" not in content.config_records:
@@ -129,7 +135,8 @@ def content_task(content: RecordDict) -> tuple[ClientTask, str, str]:
     if not isinstance(ranks, dict) or not all(isinstance(r, int) and r >= 1 for r in ranks.values()):
         raise WireError("task: 'ranks' must map module names to positive ints")
     spec = ClientSpec(client_id=_get(c, "client-id", str, "task"), ranks=ranks,
-                      alpha=float(_get(c, "alpha", (int, float), "task")), type_name=_get(c, "type", str, "task"))
+                      alpha=float(_get(c, "alpha", (int, float), "task")), type_name=_get(c, "type", str, "task"),
+                      rslora=_flag(c, "rslora", "task"))
     init = record_to_factors(content.array_records["init"]) if "init" in content.array_records else None
     base = record_to_factors(content.array_records["base"]) if "base" in content.array_records else None
     task = ClientTask(round=int(_get(c, "round", int, "task")), client=int(_get(c, "client", int, "task")),
@@ -142,7 +149,8 @@ def reply_content(update: ClientUpdate, train_loss: float, steps: int, wire_dtyp
     """The node's reply to a ``train`` message."""
     metrics = MetricRecord({"num-examples": int(update.num_examples), "train-loss": float(train_loss),
                             "steps": int(steps)})
-    meta = ConfigRecord({"client-id": update.client_id or "", "alpha": float(update.alpha)})
+    meta = ConfigRecord({"client-id": update.client_id or "", "alpha": float(update.alpha),
+                         "rslora": bool(update.rslora)})
     return RecordDict({"update": factors_to_record(update.factors, wire_dtype), "metrics": metrics, "meta": meta})
 
 
@@ -168,7 +176,7 @@ def decode_reply(content: RecordDict) -> tuple[ClientUpdate, float, int, int]:
         raise WireError(f"reply meta: alpha is {alpha}")
     rec = content.array_records["update"]
     factors = record_to_factors(rec)
-    update = ClientUpdate(factors=factors, num_examples=n, alpha=alpha,
+    update = ClientUpdate(factors=factors, num_examples=n, alpha=alpha, rslora=_flag(meta, "rslora", "reply meta"),
                           client_id=_get(meta, "client-id", str, "reply meta") or None,
                           metadata={"train_loss": loss, "steps": steps})
     return update, loss, steps, record_nbytes(rec)
