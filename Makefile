@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # the plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench install install-dev clean flower-demo
+.PHONY: demo test test-slow test-slow-ci bench install install-dev clean flower-demo
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(VENV)/.dev
 
 test-slow: $(VENV)/.dev
 	$(PY) -m pytest -q -m slow
+
+# The slow tests CI runs: all but the `long` ones, whose path `make demo` covers.
+test-slow-ci: $(VENV)/.dev
+	$(PY) -m pytest -q -m "slow and not long"
 
 bench: $(VENV)/.base
 	$(PY) benchmarks/aggregation.py

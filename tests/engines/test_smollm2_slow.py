@@ -1,4 +1,5 @@
-"""A real federated run on SmolLM2-135M-Instruct (slow; `make test-slow`, and in CI)."""
+"""A real federated run on SmolLM2-135M-Instruct (slow; `make test-slow`). CI leaves it out
+(marker ``long``): `make demo` there runs SmolLM2 end to end and checks its Rouge-L."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def test_two_rounds_three_clients_on_smollm2(tmp_path: Path) -> None:
