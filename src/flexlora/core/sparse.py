@@ -28,7 +28,7 @@ from flexlora.core.types import AggregationError, lora_scaling
 __all__ = ["SparseUpdate", "aggregate_sparse", "dense_change", "lora_share", "mask_counts", "mask_prefix",
            "stage2_state"]
 
-_PREFIX_CACHE: dict[tuple[int, str, int, int], torch.Tensor] = {}
+_PREFIX_CACHE: dict[tuple[int, str, int], torch.Tensor] = {}
 
 
 def lora_share(rank: int, shape: tuple[int, int]) -> float:
@@ -57,14 +57,16 @@ def mask_prefix(module: str, shape: tuple[int, int], count: int, seed: int) -> t
     n = shape[0] * shape[1]
     if not 1 <= count <= n:
         raise AggregationError(f"module {module!r}: mask size {count} outside 1..{n}")
-    key = (seed, module, n, count)
+    # One prefix per module, the longest asked for: the smaller masks are views of it.
+    key = (seed, module, n)
     hit = _PREFIX_CACHE.get(key)
-    if hit is None:
+    if hit is None or hit.shape[0] < count:
         g = torch.Generator().manual_seed(stable_seed("slora-mask", seed, module))
         hit = torch.randperm(n, generator=g)[:count].clone()
-        _PREFIX_CACHE.clear() if len(_PREFIX_CACHE) > 4096 else None
+        if len(_PREFIX_CACHE) > 4096:
+            _PREFIX_CACHE.clear()
         _PREFIX_CACHE[key] = hit
-    return hit
+    return hit[:count]
 
 
 @dataclass
