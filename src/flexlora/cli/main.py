@@ -1,4 +1,4 @@
-"""The ``flexlora`` command line: ``run``, ``eval``, ``export`` and ``config``."""
+"""The ``flexlora`` command line: ``run``, ``eval``, ``export``, ``config`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,32 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("config", help="print every config key with its default and help text")
     cf.add_argument("--toml", action="store_true", help="print the default config as TOML instead")
+
+    bench = sub.add_parser("bench", help="benchmarks built on the engines (quality: the paper's comparison)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    q = bench_sub.add_parser(
+        "quality", help="the paper's comparison (methods x rank distributions x seeds) as one resumable grid",
+        description="Run every row of a preset's grid with the in-process engine into OUTPUT/runs/<row>, collect "
+                    "OUTPUT/results.jsonl and write OUTPUT/results.md with plots. Running again into the same "
+                    "OUTPUT skips finished rows and resumes an interrupted one from its checkpoint. "
+                    "See docs/BENCHMARKS.md.")
+    q.add_argument("--preset", required=True, metavar="smoke|quick|paper",
+                   help="smoke: every method once on builtin:tiny-llama (about a minute); quick: SmolLM2-135M on "
+                        "Natural Instructions (about 5-6 min per run, 3 h per data set on 2 cores); paper: the "
+                        "paper's protocol for a GPU (needs --set model=...)")
+    q.add_argument("--data", action="append", default=[], metavar="NAME[=PATH]",
+                   help="a data set to run (demo, ni, dolly), optionally at PATH; repeatable. Given, exactly these "
+                        "run; without it the preset's own (smoke: demo, quick: ni, paper: ni and dolly) at their "
+                        "default paths under ../shared/data")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every run of the grid, as for flexlora run (repeatable)")
+    q.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                   help="run only the rows whose id contains SUBSTRING, e.g. ni/FedIT/homo (repeatable)")
+    q.add_argument("--force", action="store_true",
+                   help="run the selected rows again from the start, discarding their results and run directories")
+    q.add_argument("--list", action="store_true", help="print the selected rows and their overrides; run nothing")
+    q.add_argument("--output", type=Path, metavar="DIR",
+                   help="the grid's directory (created; reused to resume); required unless --list")
     return p
 
 
@@ -118,10 +144,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log)
     factors = sim.global_factors(args.rank)
     out = args.output or (args.run_dir / "adapter")
-    save_peft_adapter(sim.model, factors, cfg.lora.alpha, out, base_model_name_or_path=cfg.model)
+    save_peft_adapter(sim.model, factors, cfg.lora.alpha, out, base_model_name_or_path=cfg.model,
+                      rslora=cfg.lora.rslora)
     _log(f"adapter written to {out}")
     if args.merged:
-        save_merged_model(sim.model, sim.tokenizer, factors, cfg.lora.alpha, args.merged)
+        save_merged_model(sim.model, sim.tokenizer, factors, cfg.lora.alpha, args.merged, rslora=cfg.lora.rslora)
         _log(f"merged model written to {args.merged}")
     return 0
 
@@ -133,6 +160,25 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flexlora.bench import BenchError, plan_quality, run_quality
+
+    try:
+        if args.list:
+            for plan in plan_quality(args.preset, data=args.data, sets=args.overrides, only=args.only, log=_log):
+                print(plan.row.id, " ".join(plan.row.sets))
+            return 0
+        if args.output is None:
+            raise BenchError("--output DIR is required (the grid's directory; run again into it to resume)")
+        res = run_quality(args.preset, args.output, data=args.data, sets=args.overrides, only=args.only,
+                          force=args.force, log=_log)
+    except BenchError as exc:
+        _log(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    print(args.output / "results.md")
+    return EXIT_FEDERATION_FAILED if res.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     from flexlora.core.types import AggregationError
@@ -141,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from flexlora.engines.config import ConfigError
     from flexlora.engines.federation import FederationError
 
-    handlers = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "config": cmd_config}
+    handlers = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "config": cmd_config, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, AggregationError, FileNotFoundError) as exc:
