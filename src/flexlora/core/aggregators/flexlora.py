@@ -30,9 +30,11 @@ class FlexLoRA(Aggregator):
         Largest rank that will be distributed. The state keeps only that many singular triplets
         per module, which saves memory and time; None keeps the full rank of each update
         (``min(sum_k r_k, out, in)``) so any rank can be distributed exactly.
-    svd_method : {"auto", "qr", "dense", "randomized"}, default "auto"
+    svd_method : {"auto", "gram", "qr", "dense", "randomized"}, default "auto"
         "auto" picks the thin-QR path when the round's total rank is at most
         ``dense_threshold * min(out, in)``, and a dense SVD otherwise; both are exact.
+        "gram" is the float64 Gram path (more accurate, slower on CPU; it falls back to "qr"
+        when its checks fail, see :func:`flexlora.core.lowrank.svd_of_product`).
         "randomized" is approximate (error bound in
         :func:`flexlora.core.lowrank.randomized_svd_of_product`) and needs ``max_rank``.
     dense_threshold : float, default 0.85
@@ -69,7 +71,7 @@ class FlexLoRA(Aggregator):
         seed: int = 0,
     ) -> None:
         super().__init__(split=split, check_finite=check_finite, seed=seed)
-        if svd_method not in ("auto", "qr", "dense", "randomized"):
+        if svd_method not in ("auto", "gram", "qr", "dense", "randomized"):
             raise AggregationError(
                 f"svd_method must be 'auto', 'qr', 'dense' or 'randomized', got {svd_method!r}"
             )
