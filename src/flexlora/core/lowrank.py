@@ -14,7 +14,7 @@ An opt-in exact path ("gram", :func:`_svd_gram`) does the same from the two floa
 matrices, by matrix products and small eigen/SVD decompositions; its result is about ten times
 more accurate than the float32 Householder path, and when its own checks fail it falls back to
 Householder QR ("qr"). It is not the default: measured on 2 CPU cores at 4096 x 4096 with 10
-clients (R = 722, top 200 kept) it takes 0.40 s against 0.31 s for "qr", most of it in the
+clients (R = 722, top 200 kept) it takes 0.46 s against 0.37 s for "qr", most of it in the
 float64 decompositions of the R x R matrices (docs/BENCHMARKS.md).
 """
 
