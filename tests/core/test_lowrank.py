@@ -67,10 +67,14 @@ def test_exact_paths_match_full_svd(out_f, in_f, R, method, dtype, seed):
     elif method != "auto":
         assert res.method == method
     k = min(out_f, in_f, R)
-    _check_svd(res, B, A, k, 1e-5 if dtype == torch.float32 else 1e-11)
+    # The Gram path counts singular values below 1e-7 of the largest as zero, so on float64
+    # inputs it holds 1e-7, not float64 precision.
+    gram64 = res.method == "gram" and dtype == torch.float64
+    _check_svd(res, B, A, k, 1e-5 if dtype == torch.float32 else (1e-7 if gram64 else 1e-11))
     # exact: the full-rank result reproduces B A
     ref = B.double() @ A.double()
-    assert relative_error(res.dense(), ref) <= (2e-6 if dtype == torch.float32 else 1e-12) * max(1, math.sqrt(R))
+    tol = 2e-6 if dtype == torch.float32 else (2e-7 if gram64 else 1e-12)
+    assert relative_error(res.dense(), ref) <= tol * max(1, math.sqrt(R))
 
 
 @pytest.mark.parametrize("method", ["gram", "qr", "dense", "auto"])
