@@ -73,7 +73,7 @@ class FlexLoRA(Aggregator):
         super().__init__(split=split, check_finite=check_finite, seed=seed)
         if svd_method not in ("auto", "gram", "qr", "dense", "randomized"):
             raise AggregationError(
-                f"svd_method must be 'auto', 'qr', 'dense' or 'randomized', got {svd_method!r}"
+                f"svd_method must be 'auto', 'gram', 'qr', 'dense' or 'randomized', got {svd_method!r}"
             )
         if svd_method == "randomized" and max_rank is None:
             raise AggregationError("svd_method='randomized' needs max_rank (the largest rank to distribute)")
