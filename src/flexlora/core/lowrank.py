@@ -131,15 +131,13 @@ def svd_of_product(
     A = A.to(dtype)
     if method == "auto":
         method = "qr" if R <= dense_threshold * min(out_f, in_f) else "dense"
+    if method in ("gram", "qr") and R > min(out_f, in_f):
+        raise ValueError(f"method={method!r} needs R <= min(out, in), got R={R} for {out_f} x {in_f}; use 'dense'")
     if method == "gram":
-        if R > min(out_f, in_f):
-            raise ValueError(f"method='gram' needs R <= min(out, in), got R={R} for {out_f} x {in_f}; use 'dense'")
         res = _svd_gram(B, A, keep) if B.device.type != "mps" else None  # MPS has no float64
         if res is None:
             res = _svd_qr(B, A, keep)
     elif method == "qr":
-        if R > min(out_f, in_f):
-            raise ValueError(f"method='qr' needs R <= min(out, in), got R={R} for {out_f} x {in_f}; use 'dense'")
         res = _svd_qr(B, A, keep)
     elif method == "dense":
         res = _svd_dense(B, A)
@@ -219,7 +217,8 @@ def _orthonormalise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _svd_gram(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD | None:
-    """Exact thin SVD of ``B @ A`` from the two ``R x R`` Gram matrices, by matrix products only.
+    """Exact thin SVD of ``B @ A`` from the two ``R x R`` Gram matrices: matrix products on the
+    large factors, decompositions only of ``R x R`` and ``k x k`` matrices.
 
     With ``Gb = B^T B = Lb Lb^T`` and ``Ga = A A^T = La La^T`` (formed in float64, where the
     products of float32 entries are exact), ``B = Qb Lb^T`` and ``A^T = Qa La^T`` for orthonormal
