@@ -47,6 +47,11 @@ def test_quick_rows_and_seeds():
     assert {d for (m, d) in seeds if m in ("HetLoRA", "FLoRA")} == {"uniform", "heavy-tail-light"}
     rich = next(r for r in rows if r.method == "FedIT rich")
     assert "lora.types=[[200, 200]]" in rich.sets
+    for remedy in ("server-memory", "rank-partitioned"):
+        method = f"FlexLoRA+FedIT {remedy}"
+        assert {d for (m, d) in seeds if m == method} == {"uniform", "heavy-tail-light"}
+        row = next(r for r in rows if r.method == method)
+        assert f'aggregator_options.remedy="{remedy}"' in row.sets and "aggregator=flexlora" in row.sets
 
 
 def test_dolly_partition_names_loader_categories():

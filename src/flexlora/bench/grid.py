@@ -177,6 +177,8 @@ class Preset:
     combo_distributions: tuple[str, ...] = _h("Distributions of FlexLoRA+FedAvg/FedIT/SLoRA.")
     het_distributions: tuple[str, ...] = _h("Distributions of HetLoRA and FLoRA.")
     rslora_distributions: tuple[str, ...] = _h("Distributions of FlexLoRA+FedIT rsLoRA.")
+    remedy_distributions: tuple[str, ...] = _h("Distributions of FlexLoRA+FedIT with each rank-collapse remedy "
+                                               "(server-memory, rank-partitioned).")
     largest_type: tuple[int, int] = _h("[attention, mlp] ranks of the largest client type (the FedIT rich row).")
     slora_stage1_rounds: int = _h("SLoRA stage-1 rounds (sparse full fine-tuning) of the SLoRA rows.")
     seeds: tuple[int, ...] = _h("Seeds of every row.")
@@ -230,6 +232,7 @@ SMOKE = Preset(
     combo_distributions=("uniform",),
     het_distributions=("uniform",),
     rslora_distributions=("uniform",),
+    remedy_distributions=("uniform",),
     largest_type=(8, 16),
     slora_stage1_rounds=1,
     seeds=(0,),
@@ -251,6 +254,7 @@ QUICK = Preset(
     combo_distributions=("uniform", "heavy-tail-light", "heavy-tail-strong", "normal"),
     het_distributions=("uniform", "heavy-tail-light"),
     rslora_distributions=("uniform", "heavy-tail-light"),
+    remedy_distributions=("uniform", "heavy-tail-light"),
     largest_type=(200, 200),
     slora_stage1_rounds=1,
     seeds=(0,),
@@ -276,6 +280,7 @@ PAPER = Preset(
     combo_distributions=("uniform", "heavy-tail-light", "heavy-tail-strong", "normal"),
     het_distributions=("uniform", "heavy-tail-light"),
     rslora_distributions=("uniform", "heavy-tail-light"),
+    remedy_distributions=("uniform", "heavy-tail-light"),
     largest_type=(200, 200),
     slora_stage1_rounds=2,
     seeds=(0,),
@@ -337,6 +342,13 @@ METHODS: tuple[_Method, ...] = (
     _Method("FLoRA", lambda p: ("aggregator=flora", _ADAMW), lambda p: p.het_distributions),
     _Method("FlexLoRA+FedIT rsLoRA", lambda p: ("aggregator=flexlora", _ADAMW, "lora.rslora=true"),
             lambda p: p.rslora_distributions),
+    # Beyond the paper: FlexLoRA with a rank-collapse remedy (flexlora.core.aggregators.flexlora).
+    _Method("FlexLoRA+FedIT server-memory",
+            lambda p: ("aggregator=flexlora", _ADAMW, 'aggregator_options.remedy="server-memory"'),
+            lambda p: p.remedy_distributions),
+    _Method("FlexLoRA+FedIT rank-partitioned",
+            lambda p: ("aggregator=flexlora", _ADAMW, 'aggregator_options.remedy="rank-partitioned"'),
+            lambda p: p.remedy_distributions),
     # Reference: every client at the largest type, the upper end FlexLoRA's heterogeneous rows aim at.
     _Method("FedIT rich", lambda p: ("aggregator=fedit", _ADAMW, f"lora.types=[[{p.largest_type[0]}, "
                                      f"{p.largest_type[1]}]]"), _homo),

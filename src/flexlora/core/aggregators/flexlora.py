@@ -8,6 +8,26 @@ Each round the server forms every module's full-size weighted update
 rsLoRA client) and sends each client the best rank-``r_k`` approximation of it, from one SVD per module per round. The SVD is computed exactly from two
 thin QR factorisations of the stacked factors when the total rank is small (the dense matrix is
 never formed), and from a dense SVD otherwise (see :mod:`flexlora.core.lowrank`).
+
+Faithful FlexLoRA suffers "rank collapse" (Wu, Hu, Min, Wang, "Preventing Rank Collapse in
+Federated Low-Rank Adaptation with Client Heterogeneity", arXiv 2602.13486): a client of rank
+``r`` receives only the top ``r`` directions of the global update and sends back a product of
+rank ``r``, so direction ``i`` of the global update is carried into the next round only by the
+clients whose rank exceeds ``i``, and before any new learning its singular value shrinks by the
+factor ``P_i = sum_{k: r_k > i} p_k`` every round. Two remedies are offered as options
+(``remedy=``); the faithful method stays the default:
+
+- ``"server-memory"`` (error feedback): the server keeps the global update ``G_t`` (at
+  ``max_rank``) and adds each client's *change* to what it received,
+  ``G_{t+1} = G_t + sum_k p_k (s_k B_k A_k - T_{r_k}(G_t))``, where ``T_r`` is the rank-``r``
+  truncation the client was sent. Since ``sum_k p_k T_{r_k}(G_t) = U diag(P_i S_i) V^T``, this is
+  the faithful stack plus one low-rank term ``U diag((1 - P_i) S_i) V^T`` over the directions some
+  client lacks, so it stays on the exact thin-QR path. Clients send what they send today.
+- ``"rank-partitioned"``: every client's factors are split at the distinct ranks of the round's
+  clients (column ``i`` of ``B_k`` and row ``i`` of ``A_k`` line up with direction ``i`` of the
+  distributed global update), and partition ``j`` is averaged over only the clients that hold it,
+  with ``p_k`` renormalised among them. The idea of rank-partitioned aggregation is raFLoRA's
+  (arXiv 2602.13486 above); this is our implementation of it within FlexLoRA's SVD redistribution.
 """
 
 from __future__ import annotations
@@ -18,7 +38,15 @@ import torch
 
 from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, scaled_stack
 from flexlora.core.lowrank import svd_of_product
-from flexlora.core.types import AggregationError, ClientUpdate, client_weights, validate_round
+from flexlora.core.types import (
+    AggregationError,
+    ClientUpdate,
+    client_weights,
+    validate_round,
+)
+
+REMEDIES = ("none", "server-memory", "rank-partitioned")
+"""The values of FlexLoRA's ``remedy`` option (module docstring)."""
 
 
 class FlexLoRA(Aggregator):
@@ -54,6 +82,9 @@ class FlexLoRA(Aggregator):
     seed : int, default 0
         Seeds the randomized SVD and the orthonormal padding used when a client's rank exceeds
         the rank of the global update.
+    remedy : {"none", "server-memory", "rank-partitioned"}, default "none"
+        Rank-collapse remedy (module docstring). "none" is the paper's FlexLoRA. "server-memory"
+        needs ``previous`` to be the state the round's clients were sent (the engines pass it).
     """
 
     name = "flexlora"
@@ -69,8 +100,14 @@ class FlexLoRA(Aggregator):
         split: str = "B",
         check_finite: bool = True,
         seed: int = 0,
+        remedy: str = "none",
     ) -> None:
         super().__init__(split=split, check_finite=check_finite, seed=seed)
+        if remedy not in REMEDIES:
+            raise AggregationError(
+                f"remedy must be one of {', '.join(repr(r) for r in REMEDIES)}, got {remedy!r} "
+                "(in a config: aggregator_options = {remedy = \"server-memory\"})"
+            )
         if svd_method not in ("auto", "gram", "qr", "dense", "randomized"):
             raise AggregationError(
                 f"svd_method must be 'auto', 'gram', 'qr', 'dense' or 'randomized', got {svd_method!r}"
@@ -86,10 +123,15 @@ class FlexLoRA(Aggregator):
         self.dense_threshold = dense_threshold
         self.oversample = oversample
         self.power_iters = power_iters
+        self.remedy = remedy
 
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
-        """One SVD per module of ``sum_k p_k s_k B_k A_k``; ``previous`` is unused
-        because each client's factors already start from the distributed global update."""
+        """One SVD per module of ``sum_k p_k s_k B_k A_k``.
+
+        With ``remedy="none"`` or ``"rank-partitioned"``, ``previous`` is unused, because each
+        client's factors already start from the distributed global update. With
+        ``"server-memory"`` it must be the state the clients received (None in the first round).
+        """
         shapes = validate_round(updates, check_finite=self.check_finite)
         weights = client_weights(updates)
         generator = None
@@ -98,7 +140,12 @@ class FlexLoRA(Aggregator):
             generator = torch.Generator(device=device).manual_seed(self.seed + (previous.round if previous else 0))
         modules: dict[str, ModuleState] = {}
         for name, shape in shapes.items():
-            Bc, Ac = scaled_stack(updates, name, weights)
+            if self.remedy == "rank-partitioned":
+                Bc, Ac = partitioned_stack(updates, name, weights)
+            else:
+                Bc, Ac = scaled_stack(updates, name, weights)
+            if self.remedy == "server-memory" and previous is not None:
+                Bc, Ac = _with_memory(Bc, Ac, updates, name, weights, previous)
             svd = svd_of_product(
                 Bc,
                 Ac,
@@ -115,3 +162,61 @@ class FlexLoRA(Aggregator):
             modules=modules,
             round=(previous.round + 1) if previous is not None else 1,
         )
+
+
+def partitioned_stack(
+    updates: Sequence[ClientUpdate], module: str, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Bc, Ac)`` of the rank-partitioned average of ``module`` (``remedy="rank-partitioned"``).
+
+    Column ``i`` of client ``k``'s ``B_k`` (with row ``i`` of ``A_k``) is weighted by
+    ``p_k / P_i`` with ``P_i = sum_{j: r_j > i} p_j``, the weight of the clients that hold
+    direction ``i``; this is the same as splitting the factors at the distinct ranks of the round
+    and averaging each partition over its holders. A partition every client holds keeps the plain
+    ``p_k`` (no division), so a round of equal ranks gives the faithful stack exactly.
+    """
+    ranks = [int(u.factors[module][0].shape[0]) for u in updates]
+    p = weights.tolist()
+    Bc, Ac = scaled_stack(updates, module, weights)
+    scales = []
+    for r in ranks:
+        # Per-column factor 1 / P_i (1 where every client holds column i).
+        f = torch.ones(r, dtype=torch.float64)
+        for i in range(min(ranks), r):
+            f[i] = 1.0 / sum(pj for pj, rj in zip(p, ranks) if rj > i)
+        scales.append(f)
+    scale = torch.cat(scales).to(device=Bc.device, dtype=Bc.dtype)
+    if bool((scale != 1).any()):
+        Bc = Bc * scale
+    return Bc, Ac
+
+
+def _with_memory(
+    Bc: torch.Tensor,
+    Ac: torch.Tensor,
+    updates: Sequence[ClientUpdate],
+    module: str,
+    weights: torch.Tensor,
+    previous: GlobalState,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the server-memory term ``U diag(S_i sum_{k: r_k <= i} p_k) V^T`` of ``previous``
+    (the part of ``G_t`` the round's clients were not sent) to the stack ``(Bc, Ac)``."""
+    if module not in previous.modules:
+        raise AggregationError(
+            f"remedy='server-memory': module {module!r} is not in the previous global state; the "
+            "previous state must be the one the round's clients were sent"
+        )
+    svd = previous.modules[module].to_svd()
+    k = int(svd.S.shape[0])
+    ranks = [int(u.factors[module][0].shape[0]) for u in updates]
+    lo = min(ranks)
+    if lo >= k:
+        return Bc, Ac  # every client was sent all of G_t: nothing kept back
+    p = weights.tolist()
+    # Weight of the clients *lacking* direction i, summed directly (not 1 - P_i, which would
+    # leave rounding noise on the directions every client holds).
+    lack = torch.tensor([sum(pk for pk, r in zip(p, ranks) if r <= i) for i in range(lo, k)], dtype=torch.float64)
+    coef = (svd.S[lo:].to(torch.float64) * lack).to(Bc.dtype)
+    Bm = svd.U[:, lo:].to(device=Bc.device, dtype=Bc.dtype) * coef
+    Am = svd.V[:, lo:].T.to(device=Ac.device, dtype=Ac.dtype)
+    return torch.cat([Bc, Bm], dim=1), torch.cat([Ac, Am], dim=0)
