@@ -146,6 +146,10 @@ class FlowerSection:
     wait_for_nodes: float = _f(120.0, "Seconds the server waits at start-up for every client's node to connect; "
                                "it then starts with the nodes it has when at least min_clients are there.")
     client_cpus: float = _f(1.0, "flower-sim: CPUs Ray reserves per virtual SuperNode.")
+    fold_order: str = _f("task", "Order in which the server folds a round's replies into the aggregate: task (the "
+                         "tasks' order; an early reply waits for the earlier tasks' replies, and the numbers equal the "
+                         "in-process engine's bit for bit) or arrival (each reply as it comes: at most one update held "
+                         "at a time; equal to float32 accuracy).", choices=("task", "arrival"))
 
 
 @dataclass

@@ -26,7 +26,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -210,11 +210,135 @@ class ClientOutcome:
     where: str | None = None
 
 
+class RoundFold:
+    """One round's replies, folded into the aggregate as they arrive (from
+    :meth:`Federation.begin_aggregation`).
+
+    :meth:`add` checks an outcome against its task, folds a valid update into the aggregator's
+    :class:`~flexlora.core.aggregators.base.RoundAccumulator` and releases its factors (the
+    outcome keeps ``update=None``); :meth:`finish` enforces ``min_clients``, installs the new
+    global state and returns the round's record. SLoRA's stage-1 sparse changes are kept until
+    :meth:`finish` (their average is one weighted sum over the round).
+    """
+
+    def __init__(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> None:
+        self.fed = fed
+        self.rnd = rnd
+        self.outcomes: list[ClientOutcome] = []
+        self.valid: list[tuple[ClientOutcome, int]] = []  # (outcome, its number of examples)
+        self.dropped: list[dict[str, str]] = []
+        self.prune: dict[int, dict[str, int]] = {}
+        self.sparse: list[Any] = []
+        self.seconds = 0.0
+        self.stage1 = fed.in_slora_stage1(rnd)
+        self._position = {id(t): i for i, t in enumerate(tasks)}
+        self.acc = None if self.stage1 else fed.aggregator.begin_round(fed.state, ranks=[t.spec.ranks for t in tasks])
+
+    def add(self, o: ClientOutcome) -> None:
+        """Check ``o`` and fold its update in (or record why it is dropped)."""
+        fed = self.fed
+        self.outcomes.append(o)
+        reason = o.failure
+        if reason is None and o.update is None:
+            reason = "no reply"
+        if reason is None:
+            assert o.update is not None
+            reason = fed.check_update(o.task, o.update)
+        if reason is None:
+            assert o.update is not None
+            t0 = time.perf_counter()
+            try:
+                if self.acc is None:
+                    self.sparse.append(o.update)
+                else:
+                    self.acc.add(o.update)  # type: ignore[arg-type]
+            except AggregationError as exc:
+                reason = str(exc)
+            self.seconds += time.perf_counter() - t0
+        if reason is not None:
+            where = f" on {o.where}" if o.where else ""
+            fed.log(f"warning: round {self.rnd}: {o.task.spec.client_id}{where} dropped from this round: {reason}")
+            self.dropped.append({"client": o.task.spec.client_id, "where": o.where or "", "reason": reason})
+            return
+        assert o.update is not None
+        self.valid.append((o, int(o.update.num_examples)))
+        decision = fed._prune_decision(o) if self.acc is not None else None
+        if decision is not None:
+            self.prune[o.task.client] = decision
+        if self.acc is not None:
+            o.update = None  # folded: the factors are not kept
+
+    def finish(self) -> dict[str, Any]:
+        """Install the round's global state and return its record.
+
+        Raises
+        ------
+        FederationError
+            When fewer than ``min_clients`` valid updates arrived; the state is left as it was.
+        """
+        fed, rnd = self.fed, self.rnd
+        # The record lists the clients in the tasks' order, whatever order their replies came in.
+        pos = lambda o: self._position.get(id(o.task), len(self._position))  # noqa: E731
+        outcomes = sorted(self.outcomes, key=pos)
+        self.valid.sort(key=lambda v: pos(v[0]))
+        need = max(1, fed.cfg.min_clients)
+        if len(self.valid) < need:
+            raise FederationError(
+                f"round {rnd}: {len(self.valid)} of {len(outcomes)} sampled clients returned a valid update, fewer "
+                f"than min_clients = {need} ({'; '.join(d['client'] + ': ' + d['reason'] for d in self.dropped)[:600]}). "
+                f"The checkpoint of round {rnd - 1} in {fed.run_dir} is intact: bring the nodes back (or lower "
+                f"min_clients) and continue with --resume {fed.run_dir}"
+            )
+        t0 = time.perf_counter()
+        if self.stage1:
+            fed.slora_change = aggregate_sparse(self.sparse, fed.slora_counts(), previous=fed.slora_change)
+            self.sparse = []
+            if rnd == fed.cfg.slora.stage1_rounds:
+                fed.state = fed._slora_stage2_state(rnd)
+        else:
+            assert self.acc is not None
+            fed.state = self.acc.finish()
+        agg_seconds = self.seconds + (time.perf_counter() - t0)
+        pruned_now: dict[str, dict[str, Any]] = {}
+        for o, _ in self.valid:
+            new = self.prune.get(o.task.client)
+            if new is not None:
+                fed.pruned[o.task.client] = new
+                pruned_now[o.task.spec.client_id] = _rank_summary(new, fed.groups)
+                fed.log(f"round {rnd}: {o.task.spec.client_id} pruned its ranks to {pruned_now[o.task.spec.client_id]}")
+        group_losses: dict[str, list[float]] = {}
+        for o, _ in self.valid:
+            group_losses.setdefault(o.task.spec.type_name, []).append(o.train_loss)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients": [o.task.spec.client_id for o in outcomes],
+            "train_loss": float(np.average([o.train_loss for o, _ in self.valid], weights=[n for _, n in self.valid])),
+            "groups": {g: {"clients": len(v), "train_loss": float(np.mean(v))} for g, v in sorted(group_losses.items())},
+            "bytes_up": int(sum(o.bytes_up for o in outcomes)),
+            "bytes_down": int(sum(o.bytes_down for o in outcomes)),
+            "bytes": {o.task.spec.client_id: {"type": o.task.spec.type_name, "up": int(o.bytes_up),
+                                              "down": int(o.bytes_down)} for o in outcomes},
+            "aggregate_seconds": agg_seconds,
+        }
+        if fed.state is not None:
+            record["spectrum"] = fed._spectrum()
+            record["tail_energy"] = fed.tail_energy()
+        if fed.is_slora:
+            record["slora_stage"] = 1 if self.stage1 else 2
+        record["ranks"] = {o.task.spec.client_id: _rank_summary(o.task.spec.ranks, fed.groups) for o in outcomes}
+        if pruned_now:
+            record["pruned"] = pruned_now
+        if self.dropped:
+            record["dropped"] = self.dropped
+        return record
+
+
 class Engine(Protocol):
     """Moves one round's tasks to the clients and their replies back."""
 
-    def train_round(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:
-        """One outcome per task, in the order of ``tasks``."""
+    def train_round(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> Iterable[ClientOutcome]:
+        """One outcome per task, yielded as each arrives (the federation folds it in at once, so an
+        engine that yields instead of collecting never holds the round's updates together)."""
         ...
 
 
@@ -585,92 +709,37 @@ class Federation:
         return None
 
     def aggregate_round(self, rnd: int, outcomes: Sequence[ClientOutcome]) -> dict[str, Any]:
-        """Validate the round's outcomes, aggregate the valid ones and return the round's record.
+        """Validate the round's outcomes, aggregate the valid ones and return the round's record
+        (:meth:`begin_aggregation`, each outcome added in the given order, then finished).
 
         Raises
         ------
         FederationError
             When fewer than ``min_clients`` valid updates arrived; the state is left as it was.
         """
-        valid: list[ClientOutcome] = []
-        dropped: list[dict[str, str]] = []
+        fold = self.begin_aggregation(rnd, [o.task for o in outcomes])
         for o in outcomes:
-            reason = o.failure
-            if reason is None and o.update is None:
-                reason = "no reply"
-            if reason is None:
-                assert o.update is not None
-                reason = self.check_update(o.task, o.update)
-            if reason is not None:
-                where = f" on {o.where}" if o.where else ""
-                self.log(f"warning: round {rnd}: {o.task.spec.client_id}{where} dropped from this round: {reason}")
-                dropped.append({"client": o.task.spec.client_id, "where": o.where or "", "reason": reason})
-            else:
-                valid.append(o)
-        need = max(1, self.cfg.min_clients)
-        if len(valid) < need:
-            raise FederationError(
-                f"round {rnd}: {len(valid)} of {len(outcomes)} sampled clients returned a valid update, fewer than "
-                f"min_clients = {need} ({'; '.join(d['client'] + ': ' + d['reason'] for d in dropped)[:600]}). "
-                f"The checkpoint of round {rnd - 1} in {self.run_dir} is intact: bring the nodes back (or lower "
-                f"min_clients) and continue with --resume {self.run_dir}"
-            )
-        t0 = time.perf_counter()
-        if self.in_slora_stage1(rnd):
-            self.slora_change = aggregate_sparse([o.update for o in valid], self.slora_counts(),  # type: ignore[misc]
-                                                 previous=self.slora_change)
-            if rnd == self.cfg.slora.stage1_rounds:
-                self.state = self._slora_stage2_state(rnd)
-        else:
-            self.state = self.aggregator.aggregate([o.update for o in valid], previous=self.state)  # type: ignore[misc]
-        agg_seconds = time.perf_counter() - t0
-        pruned_now = self._self_prune(rnd, valid)
-        group_losses: dict[str, list[float]] = {}
-        for o in valid:
-            group_losses.setdefault(o.task.spec.type_name, []).append(o.train_loss)
-        record: dict[str, Any] = {
-            "round": rnd,
-            "clients": [o.task.spec.client_id for o in outcomes],
-            "train_loss": float(np.average([o.train_loss for o in valid],
-                                           weights=[o.update.num_examples for o in valid])),  # type: ignore[union-attr]
-            "groups": {g: {"clients": len(v), "train_loss": float(np.mean(v))} for g, v in sorted(group_losses.items())},
-            "bytes_up": int(sum(o.bytes_up for o in outcomes)),
-            "bytes_down": int(sum(o.bytes_down for o in outcomes)),
-            "bytes": {o.task.spec.client_id: {"type": o.task.spec.type_name, "up": int(o.bytes_up),
-                                              "down": int(o.bytes_down)} for o in outcomes},
-            "aggregate_seconds": agg_seconds,
-        }
-        if self.state is not None:
-            record["spectrum"] = self._spectrum()
-            record["tail_energy"] = self.tail_energy()
-        if self.is_slora:
-            record["slora_stage"] = 1 if self.in_slora_stage1(rnd) else 2
-        record["ranks"] = {o.task.spec.client_id: _rank_summary(o.task.spec.ranks, self.groups) for o in outcomes}
-        if pruned_now:
-            record["pruned"] = pruned_now
-        if dropped:
-            record["dropped"] = dropped
-        return record
+            fold.add(o)
+        return fold.finish()
 
-    def _self_prune(self, rnd: int, valid: Sequence[ClientOutcome]) -> dict[str, dict[str, Any]]:
-        """HetLoRA's rank self-pruning, decided on each client's returned factors: the ranks it
-        trains at in its next rounds (never below the floor). Returns what changed, per client."""
+    def begin_aggregation(self, rnd: int, tasks: Sequence[ClientTask]) -> RoundFold:
+        """Start folding round ``rnd``'s outcomes into the aggregate one at a time, as they arrive
+        (streaming aggregation: the server never holds the round's updates together)."""
+        return RoundFold(self, rnd, tasks)
+
+    def _prune_decision(self, o: ClientOutcome) -> dict[str, int] | None:
+        """HetLoRA's rank self-pruning, decided on a client's returned factors: the ranks it trains
+        at in its next rounds (never below the floor), or None when they do not change."""
         t = self.cfg.train
         if self.aggregator.name != "hetlora" or not t.hetlora_prune:
-            return {}
+            return None
+        assert o.update is not None
         used = sorted(set(self.client_type))
         floor = {m: t.hetlora_min_rank or min(self._type_ranks[i][m] for i in used) for m in self.shapes}
-        changed: dict[str, dict[str, Any]] = {}
-        for o in valid:
-            assert o.update is not None
-            old = o.task.spec.ranks
-            keep = pruned_ranks(o.update.factors, gamma=t.hetlora_gamma, threshold=t.hetlora_prune_threshold)
-            new = {m: max(min(keep[m], old[m]), min(floor[m], old[m])) for m in old}
-            if new != old:
-                self.pruned[o.task.client] = new
-                changed[o.task.spec.client_id] = _rank_summary(new, self.groups)
-                self.log(f"round {rnd}: {o.task.spec.client_id} pruned its ranks to {changed[o.task.spec.client_id]}")
-        return changed
+        old = o.task.spec.ranks
+        keep = pruned_ranks(o.update.factors, gamma=t.hetlora_gamma, threshold=t.hetlora_prune_threshold)
+        new = {m: max(min(keep[m], old[m]), min(floor[m], old[m])) for m in old}
+        return new if new != old else None
 
     def end_round(self, rnd: int, record: dict[str, Any], tb: TensorBoardLog | None = None) -> None:
         """Evaluate when due, then write the checkpoint, metrics.jsonl and TensorBoard for round ``rnd``."""
@@ -790,8 +859,10 @@ class Federation:
             for rnd in range(self.start_round, cfg.rounds + 1):
                 t0 = time.perf_counter()
                 tasks = self.plan_round(rnd)
-                outcomes = engine.train_round(self, rnd, tasks)
-                rec = self.aggregate_round(rnd, outcomes)
+                fold = self.begin_aggregation(rnd, tasks)
+                for outcome in engine.train_round(self, rnd, tasks):
+                    fold.add(outcome)  # folded as it arrives; the engine need not keep the round's updates
+                rec = fold.finish()
                 rec["seconds"] = time.perf_counter() - t0
                 self.end_round(rnd, rec, tb)
                 msg = f"round {rnd}/{cfg.rounds}: train loss {rec['train_loss']:.4f}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flexlora.engines.federation import (
@@ -42,11 +42,12 @@ class LocalEngine:
         kill = os.environ.get("FLEXLORA_KILL_AT")
         self._kill_at = tuple(int(x) for x in kill.split(":")) if kill else None
 
-    def train_round(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:
+    def train_round(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> Iterator[ClientOutcome]:
+        """Train the tasks' clients in order, yielding each outcome as soon as it is trained."""
         from tqdm.auto import tqdm
 
         steps = sum(fed.train_cfg.num_steps(len(fed.partition.clients[t.client])) for t in tasks)
-        outcomes = []
+        done = 0
         with tqdm(total=steps, desc=f"round {rnd}/{fed.cfg.rounds}", unit="step", disable=not self.progress,
                   leave=False, position=1) as bar:
             for task in tasks:
@@ -58,11 +59,13 @@ class LocalEngine:
                 update, result = run_client_task(fed.model, fed.tokenizer, task, fed.client_examples(task.client),
                                                  fed.train_cfg, encoding=fed.encoding, dropout=fed.cfg.lora.dropout,
                                                  on_step=on_step)
-                outcomes.append(ClientOutcome(task, update, train_loss=result.mean_loss, steps=result.steps,
-                                              bytes_up=update_bytes(update), bytes_down=task_bytes(task)))
-                if self._kill_at == (rnd, len(outcomes)):
+                outcome = ClientOutcome(task, update, train_loss=result.mean_loss, steps=result.steps,
+                                        bytes_up=update_bytes(update), bytes_down=task_bytes(task))
+                del update
+                done += 1
+                if self._kill_at == (rnd, done):
                     os.kill(os.getpid(), signal.SIGKILL)
-        return outcomes
+                yield outcome
 
 
 class Simulation(Federation):

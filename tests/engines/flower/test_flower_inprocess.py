@@ -68,6 +68,38 @@ def test_same_adapter_and_metrics_as_the_in_process_engine(tmp_path: Path, extra
     assert max(float(t.abs().max()) for t in a.values()) > 0
 
 
+class _ReversedArrivals(InProcessGrid):
+    """Replies come back one per pull, the last task's first: the order a slow first node gives."""
+
+    def pull_messages(self, message_ids):
+        ids = [m for m in message_ids if m in self._replies]
+        return [self._replies.pop(ids[-1])] if ids else []
+
+
+@pytest.mark.parametrize("order", ["task", "arrival"])
+def test_replies_out_of_order_are_folded_as_they_arrive(tmp_path: Path, order: str) -> None:
+    extra = ["rounds=2", f"flower.fold_order={order}"]
+    local = _local(tmp_path, "local", extra)
+    grid = _ReversedArrivals(client_app, [{"partition-id": i} for i in range(4)])
+    res = run_server(grid, {"set": ";".join([*TINY, *extra]), "output": str(tmp_path / "f")}, log=lambda m: None)
+    a, b = _adapter(local.run_dir), _adapter(res.run_dir)
+    mine, theirs = deterministic_view(_metrics(local.run_dir)), deterministic_view(_metrics(res.run_dir))
+    if order == "task":
+        # Folded in the tasks' order whatever the arrival order: the in-process engine's numbers, bit for bit.
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert mine == theirs
+    else:
+        # Folded in arrival order: the same global update B A to float32 accuracy (the factors
+        # themselves may differ by the signs of singular vector pairs).
+        for ka in (k for k in a if "lora_A" in k):
+            kb = ka.replace("lora_A", "lora_B")
+            da, db = a[kb] @ a[ka], b[kb] @ b[ka]
+            assert float((da - db).norm() / da.norm()) <= 1e-4, ka
+        mine, theirs = [r for r in mine if r["round"] > 0], [r for r in theirs if r["round"] > 0]
+        assert [r["clients"] for r in mine] == [r["clients"] for r in theirs] and len(mine) == 2
+        assert [r["train_loss"] for r in mine] == pytest.approx([r["train_loss"] for r in theirs], rel=1e-4)
+
+
 def test_flower_run_directory_has_every_output(tmp_path: Path) -> None:
     res, _ = _flower(tmp_path, "f", ["rounds=2"])
     d = res.run_dir
@@ -145,7 +177,9 @@ def test_a_silent_node_is_dropped_and_the_run_continues(tmp_path: Path) -> None:
     from flexlora.engines.federation import sample_round_clients
 
     victim = sample_round_clients(4, 3, 0, 2)[0]
-    res, _ = _flower(tmp_path, "s", ["rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false"],
+    # A 2 s round timeout: the server stops waiting for the silent node's reply after it.
+    res, _ = _flower(tmp_path, "s", ["rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false",
+                                     "flower.round_timeout=2"],
                      grid_hook=lambda g: g.silent.update({100 + victim: 2}), logs=logs)
     rec = _metrics(res.run_dir)[-1]
     assert [d["client"] for d in rec["dropped"]] == [f"client{victim:05d}"]
@@ -172,7 +206,8 @@ def test_the_superlinks_reply_for_a_dead_node_is_matched_to_that_node(tmp_path: 
 def test_too_few_replies_stop_with_an_error_and_an_intact_checkpoint(tmp_path: Path) -> None:
     silence = lambda g: g.silent.update({n: 2 for n in range(100, 104)})  # noqa: E731
     with pytest.raises(FederationError, match=r"round 2: 0 of 3 .*min_clients = 2.*--resume"):
-        _flower(tmp_path, "m", ["rounds=3", "min_clients=2", "eval.every=0", "eval.baseline=false"], grid_hook=silence)
+        _flower(tmp_path, "m", ["rounds=3", "min_clients=2", "eval.every=0", "eval.baseline=false",
+                                "flower.round_timeout=2"], grid_hook=silence)
     ckpt = load_checkpoint(tmp_path / "m" / "checkpoints")
     assert ckpt["round"] == 1 and ckpt["global_state"] is not None
     # Bring the nodes back and resume: the run finishes with the adapter of an uninterrupted run.

@@ -18,6 +18,7 @@ from flexlora.core.types import (
     Factors,
     check_rank_request,
     lora_scaling_denominator,
+    validate_round,
 )
 
 
@@ -202,10 +203,124 @@ class Aggregator(ABC):
             state._cache[key] = state.modules[module].to_svd()
         return state._cache[key]
 
+    def begin_round(
+        self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
+    ) -> RoundAccumulator:
+        """Start a streaming aggregation of one round (the one interface every engine uses).
+
+        Feed each client update to :meth:`RoundAccumulator.add` as it arrives and call
+        :meth:`RoundAccumulator.finish` once; the result equals ``aggregate(updates, previous)`` to
+        float32 accuracy, in any arrival order. The built-in aggregators fold each update into
+        running sums as it is added, so the server never holds the round's updates together.
+        This default (for aggregators that do not override it) keeps them until ``finish``.
+
+        Parameters
+        ----------
+        previous : GlobalState or None
+            The state the round's clients were sent, as for :meth:`aggregate`.
+        ranks : sequence of mapping, optional
+            The ranks ``{module: r}`` of every client that may reply this round (a superset is
+            fine). Only FlexLoRA's ``remedy="rank-partitioned"`` needs it to stream.
+        """
+        return BufferedAccumulator(self, previous)
+
     def summary(self) -> str:
         """One line naming the aggregator and its settings."""
         settings = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
         return f"{self.name}({settings})"
+
+
+class RoundAccumulator(ABC):
+    """One round's aggregation, fed one client update at a time (from :meth:`Aggregator.begin_round`).
+
+    :meth:`add` validates the update on its own and against the round's first update (modules
+    and shapes), so a bad update is refused with the same error ``aggregate`` gives and leaves
+    the running aggregate untouched; :meth:`finish` returns the round's :class:`GlobalState`.
+    """
+
+    def __init__(self, aggregator: Aggregator, previous: GlobalState | None) -> None:
+        self.aggregator = aggregator
+        self.previous = previous
+        self.shapes: dict[str, tuple[int, int]] | None = None
+        self.count = 0
+        self.total_examples = 0
+        self._finished = False
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold ``update`` into the round's aggregate.
+
+        Raises
+        ------
+        AggregationError
+            The update is malformed, holds NaN/Inf, or does not match the round's modules and shapes.
+        """
+        if self._finished:
+            raise AggregationError("this round's aggregation is finished; start the next with begin_round()")
+        label = update.label(self.count) if isinstance(update, ClientUpdate) else f"client {self.count}"
+        try:
+            shapes = validate_round([update], check_finite=self.aggregator.check_finite)
+        except AggregationError as exc:
+            # Name the update by its position in the round, not as "client 0" of a round of one.
+            msg, first = str(exc), update.label(0) if isinstance(update, ClientUpdate) else "client 0"
+            raise AggregationError(label + msg[len(first):] if msg.startswith(first) else msg) from None
+        if self.shapes is None:
+            self.shapes = shapes
+        elif shapes != self.shapes:
+            missing = sorted(set(self.shapes) - set(shapes))
+            extra = sorted(set(shapes) - set(self.shapes))
+            if missing or extra:
+                raise AggregationError(
+                    f"{label}: its modules differ from the round's first client's (missing: {missing[:5]}, "
+                    f"extra: {extra[:5]}). Every client of a round must send the same set of LoRA modules."
+                )
+            bad = next(m for m in shapes if shapes[m] != self.shapes[m])
+            raise AggregationError(
+                f"{label}, module {bad!r}: shape {shapes[bad]} (out, in) differs from {self.shapes[bad]} in earlier "
+                "clients. All clients must adapt the same base model."
+            )
+        self._fold(update, label)
+        self.count += 1
+        self.total_examples += int(update.num_examples)
+
+    def finish(self) -> GlobalState:
+        """The round's global state.
+
+        Raises
+        ------
+        AggregationError
+            No update was added.
+        """
+        if self.count == 0:
+            raise AggregationError("empty round: add at least one ClientUpdate before finish()")
+        self._finished = True
+        return self._finish()
+
+    def _next_round(self) -> int:
+        return (self.previous.round + 1) if self.previous is not None else 1
+
+    @abstractmethod
+    def _fold(self, update: ClientUpdate, label: str) -> None:
+        """Fold a validated update in (raise AggregationError, before changing anything, to refuse it)."""
+
+    @abstractmethod
+    def _finish(self) -> GlobalState:
+        """The state from everything folded."""
+
+
+class BufferedAccumulator(RoundAccumulator):
+    """Keeps the round's updates and calls ``aggregate`` at :meth:`finish` (the default of
+    :meth:`Aggregator.begin_round`; memory grows with the clients)."""
+
+    def __init__(self, aggregator: Aggregator, previous: GlobalState | None) -> None:
+        super().__init__(aggregator, previous)
+        self.updates: list[ClientUpdate] = []
+
+    def _fold(self, update: ClientUpdate, label: str) -> None:
+        self.updates.append(update)
+
+    def _finish(self) -> GlobalState:
+        updates, self.updates = self.updates, []
+        return self.aggregator.aggregate(updates, self.previous)
 
 
 def _check_alpha(alpha: float) -> None:

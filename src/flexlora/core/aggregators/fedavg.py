@@ -17,7 +17,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha, _check_rslora
+from flexlora.core.aggregators.base import (
+    Aggregator,
+    GlobalState,
+    ModuleState,
+    RoundAccumulator,
+    _check_alpha,
+    _check_rslora,
+)
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
@@ -86,6 +93,13 @@ class FedAvg(Aggregator):
             extra=extra,
         )
 
+    def begin_round(
+        self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
+    ) -> RoundAccumulator:
+        """Streaming aggregation: running sums ``sum_k n_k A_k`` and ``sum_k n_k B_k`` per module,
+        divided by ``N`` at ``finish`` (see :meth:`Aggregator.begin_round`)."""
+        return _FedAvgAccumulator(self, previous)
+
     def distribute(
         self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
     ) -> dict[str, Factors]:
@@ -108,3 +122,51 @@ class FedAvg(Aggregator):
             assert st.A is not None and st.B is not None
             out[m] = (st.A.clone(), st.B * (st.scale * lora_scaling_denominator(r, rslora) / float(alpha)))
         return out
+
+
+class _FedAvgAccumulator(RoundAccumulator):
+    def __init__(self, aggregator: FedAvg, previous: GlobalState | None) -> None:
+        super().__init__(aggregator, previous)
+        self.first: ClientUpdate | None = None
+        self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _fold(self, update: ClientUpdate, label: str) -> None:
+        first = self.first or update
+        if float(update.alpha) != float(first.alpha):
+            raise AggregationError(
+                f"{label}: fedavg needs the same alpha on every client, got {sorted({first.alpha, update.alpha})}; "
+                "use 'flexlora' (or 'hetlora') for heterogeneous clients"
+            )
+        if update.rslora != first.rslora:
+            raise AggregationError(
+                f"{label}: fedavg needs the same rslora setting on every client, but the round mixes alpha / r and "
+                "alpha / sqrt(r) scaling; use 'flexlora' (or 'hetlora') for heterogeneous clients"
+            )
+        for name in update.factors:
+            if update.rank(name) != first.rank(name):
+                raise AggregationError(
+                    f"fedavg averages A and B factor-wise and needs one rank per module, but module {name!r} has "
+                    f"mixed ranks ({first.label(0)}: {first.rank(name)}, {label}: {update.rank(name)}); use "
+                    "'flexlora' for heterogeneous ranks"
+                )
+        self.first = first
+        n = float(update.num_examples)
+        for name, (a, b) in update.factors.items():
+            dtype = torch.float64 if first.factors[name][0].dtype == torch.float64 else torch.float32
+            if name not in self.sums:
+                self.sums[name] = (n * a.to(dtype), n * b.to(dtype))
+            else:
+                sa, sb = self.sums[name]
+                sa.add_(a.to(dtype), alpha=n)
+                sb.add_(b.to(dtype), alpha=n)
+
+    def _finish(self) -> GlobalState:
+        assert self.first is not None and self.shapes is not None
+        first, total = self.first, float(self.total_examples)
+        modules = {}
+        for name, shape in self.shapes.items():
+            sa, sb = self.sums.pop(name)
+            scale = lora_scaling(first.alpha, first.rank(name), first.rslora)
+            modules[name] = ModuleState(shape=shape, A=sa / total, B=sb / total, scale=scale)
+        extra: dict = {"alpha": float(first.alpha), "rslora": True} if first.rslora else {"alpha": float(first.alpha)}
+        return GlobalState(aggregator=self.aggregator.name, modules=modules, round=self._next_round(), extra=extra)

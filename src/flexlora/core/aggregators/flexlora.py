@@ -32,16 +32,24 @@ factor ``P_i = sum_{k: r_k > i} p_k`` every round. Two remedies are offered as o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, scaled_stack
-from flexlora.core.lowrank import svd_of_product
+from flexlora.core.aggregators.base import (
+    Aggregator,
+    BufferedAccumulator,
+    GlobalState,
+    ModuleState,
+    RoundAccumulator,
+    scaled_stack,
+)
+from flexlora.core.lowrank import LowRankSum, LowRankSVD, svd_of_dense, svd_of_product
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
     client_weights,
+    lora_scaling_denominator,
     validate_round,
 )
 
@@ -85,6 +93,10 @@ class FlexLoRA(Aggregator):
     remedy : {"none", "server-memory", "rank-partitioned"}, default "none"
         Rank-collapse remedy (module docstring). "none" is the paper's FlexLoRA. "server-memory"
         needs ``previous`` to be the state the round's clients were sent (the engines pass it).
+    stream_bound : int or None, default None
+        Streaming aggregation (:meth:`begin_round`): the width of a module's running stack of
+        factors that triggers its exact compression (:class:`~flexlora.core.lowrank.LowRankSum`);
+        None is ``min(out, in)``, past which the running sum is kept dense.
     """
 
     name = "flexlora"
@@ -101,6 +113,7 @@ class FlexLoRA(Aggregator):
         check_finite: bool = True,
         seed: int = 0,
         remedy: str = "none",
+        stream_bound: int | None = None,
     ) -> None:
         super().__init__(split=split, check_finite=check_finite, seed=seed)
         if remedy not in REMEDIES:
@@ -124,6 +137,10 @@ class FlexLoRA(Aggregator):
         self.oversample = oversample
         self.power_iters = power_iters
         self.remedy = remedy
+        if stream_bound is not None and (isinstance(stream_bound, bool) or not isinstance(stream_bound, int)
+                                         or stream_bound < 1):
+            raise AggregationError(f"stream_bound must be a positive int or None, got {stream_bound!r}")
+        self.stream_bound = stream_bound
 
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
         """One SVD per module of ``sum_k p_k s_k B_k A_k``.
@@ -145,23 +162,135 @@ class FlexLoRA(Aggregator):
             else:
                 Bc, Ac = scaled_stack(updates, name, weights)
             if self.remedy == "server-memory" and previous is not None:
-                Bc, Ac = _with_memory(Bc, Ac, updates, name, weights, previous)
-            svd = svd_of_product(
-                Bc,
-                Ac,
-                method=self.svd_method,  # type: ignore[arg-type]
-                dense_threshold=self.dense_threshold,
-                max_rank=self.max_rank,
-                oversample=self.oversample,
-                power_iters=self.power_iters,
-                generator=generator,
-            )
-            modules[name] = ModuleState(shape=shape, svd=svd)
+                Bc, Ac = _with_memory(Bc, Ac, [u.rank(name) for u in updates], name, weights, previous)
+            modules[name] = ModuleState(shape=shape, svd=self._svd(Bc, Ac, generator))
         return GlobalState(
             aggregator=self.name,
             modules=modules,
             round=(previous.round + 1) if previous is not None else 1,
         )
+
+    def begin_round(
+        self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
+    ) -> RoundAccumulator:
+        """Streaming aggregation (see :meth:`Aggregator.begin_round`): each update is folded into
+        one :class:`~flexlora.core.lowrank.LowRankSum` per module (per rank partition with
+        ``remedy="rank-partitioned"``, which needs ``ranks`` for that; without it the round is
+        buffered)."""
+        if self.remedy == "rank-partitioned" and ranks is None:
+            return BufferedAccumulator(self, previous)
+        return _FlexLoRAAccumulator(self, previous, ranks)
+
+    def _svd(self, Bc: torch.Tensor, Ac: torch.Tensor, generator: torch.Generator | None) -> LowRankSVD:
+        return svd_of_product(
+            Bc,
+            Ac,
+            method=self.svd_method,  # type: ignore[arg-type]
+            dense_threshold=self.dense_threshold,
+            max_rank=self.max_rank,
+            oversample=self.oversample,
+            power_iters=self.power_iters,
+            generator=generator,
+        )
+
+
+class _FlexLoRAAccumulator(RoundAccumulator):
+    """FlexLoRA's streaming round: ``n_k s_k B_k A_k`` summed per module (per rank partition),
+    divided by the examples at :meth:`finish` (``p_k = n_k / N`` needs the round's total)."""
+
+    aggregator: FlexLoRA
+
+    def __init__(self, aggregator: FlexLoRA, previous: GlobalState | None,
+                 ranks: Sequence[Mapping[str, int]] | None) -> None:
+        super().__init__(aggregator, previous)
+        self.planned = ranks
+        self.partitions: dict[str, list[tuple[int, int]]] = {}
+        self.sums: dict[str, list[LowRankSum]] = {}
+        self.held: dict[str, list[int]] = {}  # examples of the clients holding each partition
+        self.ranks: dict[str, list[tuple[int, int]]] = {}  # (rank, examples) per client, per module
+
+    def _partitions(self, module: str, shape: tuple[int, int]) -> list[tuple[int, int]]:
+        if self.aggregator.remedy != "rank-partitioned":
+            return [(0, min(shape))]
+        assert self.planned is not None
+        bounds = sorted({int(r[module]) for r in self.planned if module in r})
+        return list(zip([0, *bounds[:-1]], bounds))
+
+    def _fold(self, update: ClientUpdate, label: str) -> None:
+        assert self.shapes is not None
+        if not self.sums:
+            first_a = next(iter(update.factors.values()))[0]
+            dtype = first_a.dtype if first_a.dtype == torch.float64 else torch.float32
+            for m, shape in self.shapes.items():
+                self.partitions[m] = self._partitions(m, shape)
+                self.sums[m] = [LowRankSum(shape, bound=self.aggregator.stream_bound, dtype=dtype,
+                                           device=first_a.device) for _ in self.partitions[m]]
+                self.held[m] = [0] * len(self.partitions[m])
+                self.ranks[m] = []
+        if self.aggregator.remedy == "rank-partitioned":
+            for m, parts in self.partitions.items():
+                r = update.rank(m)
+                if r not in {hi for _, hi in parts}:
+                    raise AggregationError(
+                        f"{label}, module {m!r}: rank {r} is not among the ranks given to begin_round(ranks=...) "
+                        f"({sorted(hi for _, hi in parts)}); pass the ranks of every client that may reply"
+                    )
+        n = int(update.num_examples)
+        for m, parts in self.partitions.items():
+            a, b = update.factors[m]
+            r = int(a.shape[0])
+            lsum = self.sums[m]
+            coef = n * float(update.alpha) / lora_scaling_denominator(r, update.rslora)
+            bs = b.to(device=lsum[0].device or b.device, dtype=lsum[0].dtype) * coef
+            for j, (lo, hi) in enumerate(parts):
+                if hi > r and not (lo == 0 and len(parts) == 1):
+                    break
+                top = min(hi, r)
+                lsum[j].add(bs[:, lo:top], a[lo:top])
+                self.held[m][j] += n
+            self.ranks[m].append((r, n))
+
+    def _finish(self) -> GlobalState:
+        agg = self.aggregator
+        generator = None
+        if agg.svd_method == "randomized":
+            device = next(iter(self.sums.values()))[0].device
+            generator = torch.Generator(device=device).manual_seed(
+                agg.seed + (self.previous.round if self.previous else 0))
+        modules: dict[str, ModuleState] = {}
+        assert self.shapes is not None
+        for m, shape in self.shapes.items():
+            bs, as_, dense = [], [], None
+            for lsum, n_j in zip(self.sums[m], self.held[m]):
+                if n_j == 0:
+                    continue
+                if lsum.is_dense:
+                    d = lsum.dense_sum
+                    assert d is not None
+                    d.mul_(1.0 / n_j)
+                    dense = d if dense is None else dense.add_(d)
+                else:
+                    b, a = lsum.stack()
+                    bs.append(b * (1.0 / n_j))
+                    as_.append(a)
+            if agg.remedy == "server-memory" and self.previous is not None:
+                weights = torch.tensor([n for _, n in self.ranks[m]], dtype=torch.float64) / self.total_examples
+                lsum0 = self.sums[m][0]
+                b0 = bs[0] if bs else torch.zeros(shape[0], 0, dtype=lsum0.dtype, device=lsum0.device)
+                a0 = as_[0] if as_ else torch.zeros(0, shape[1], dtype=lsum0.dtype, device=lsum0.device)
+                b1, a1 = _with_memory(b0, a0, [r for r, _ in self.ranks[m]], m, weights, self.previous)
+                bs, as_ = [b1], [a1]
+            self.sums[m] = []
+            if dense is not None:
+                for b, a in zip(bs, as_):
+                    dense.addmm_(b.to(dense.dtype), a.to(dense.dtype))
+                svd = svd_of_dense(dense, max_rank=agg.max_rank)
+            else:
+                Bc = torch.cat([b.T for b in bs], dim=0).T if len(bs) > 1 else bs[0]
+                Ac = torch.cat(as_, dim=0) if len(as_) > 1 else as_[0]
+                svd = agg._svd(Bc, Ac, generator)
+            modules[m] = ModuleState(shape=shape, svd=svd)
+        return GlobalState(aggregator=agg.name, modules=modules, round=self._next_round())
 
 
 def partitioned_stack(
@@ -194,7 +323,7 @@ def partitioned_stack(
 def _with_memory(
     Bc: torch.Tensor,
     Ac: torch.Tensor,
-    updates: Sequence[ClientUpdate],
+    ranks: Sequence[int],
     module: str,
     weights: torch.Tensor,
     previous: GlobalState,
@@ -208,7 +337,6 @@ def _with_memory(
         )
     svd = previous.modules[module].to_svd()
     k = int(svd.S.shape[0])
-    ranks = [int(u.factors[module][0].shape[0]) for u in updates]
     lo = min(ranks)
     if lo >= k:
         return Bc, Ac  # every client was sent all of G_t: nothing kept back

@@ -23,11 +23,12 @@ from flexlora.core.aggregators.base import (
     Aggregator,
     GlobalState,
     ModuleState,
+    RoundAccumulator,
     _check_alpha,
     _check_rslora,
     scaled_stack,
 )
-from flexlora.core.lowrank import svd_of_product
+from flexlora.core.lowrank import LowRankSum, svd_of_dense, svd_of_product
 from flexlora.core.types import ClientUpdate, Factors, client_weights, lora_scaling_denominator, validate_round
 
 
@@ -73,6 +74,16 @@ class FLoRA(Aggregator):
             aggregator=self.name, modules=modules, round=(previous.round + 1) if previous is not None else 1
         )
 
+    def begin_round(
+        self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
+    ) -> RoundAccumulator:
+        """Streaming aggregation: the round's stack ``[n_k s_k B_k]``, ``[A_k]`` per module, kept
+        dense once wider than ``min(out, in)`` (:class:`~flexlora.core.lowrank.LowRankSum`); the
+        previous global update is put in front at ``finish``. FLoRA's global state is the stack
+        itself, so its size still grows with the clients until it reaches ``min(out, in)``
+        (see :meth:`Aggregator.begin_round`)."""
+        return _FLoRAAccumulator(self, previous)
+
     def stacked(self, state: GlobalState, alpha: float = 16.0, *, rslora: bool = False) -> dict[str, Factors]:
         """The exact global update as LoRA factors of rank ``R`` (the stack's size) per module.
 
@@ -113,3 +124,53 @@ def _as_factors(st: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:
         return st.svd.V.T, st.svd.U * st.svd.S
     assert st.A is not None and st.B is not None
     return st.A, st.B * st.scale
+
+
+class _FLoRAAccumulator(RoundAccumulator):
+    aggregator: FLoRA
+
+    def __init__(self, aggregator: FLoRA, previous: GlobalState | None) -> None:
+        super().__init__(aggregator, previous)
+        self.sums: dict[str, LowRankSum] = {}
+
+    def _fold(self, update: ClientUpdate, label: str) -> None:
+        n = float(update.num_examples)
+        for name, (a, b) in update.factors.items():
+            if name not in self.sums:
+                dtype = a.dtype if a.dtype == torch.float64 else torch.float32
+                self.sums[name] = LowRankSum((b.shape[0], a.shape[1]), dtype=dtype, device=a.device)
+            coef = n * float(update.alpha) / lora_scaling_denominator(a.shape[0], update.rslora)
+            self.sums[name].add(b.to(self.sums[name].dtype) * coef, a)
+
+    def _finish(self) -> GlobalState:
+        assert self.shapes is not None
+        total = float(self.total_examples)
+        prev_state = self.previous if self.aggregator.accumulate else None
+        modules: dict[str, ModuleState] = {}
+        for name, shape in self.shapes.items():
+            lsum = self.sums.pop(name)
+            prev = None
+            if prev_state is not None and name in prev_state.modules:
+                st = prev_state.modules[name]
+                if st.shape != shape:
+                    raise ValueError(f"module {name!r}: shape {shape} differs from the previous state's {st.shape}")
+                prev = _as_factors(st)
+            if lsum.is_dense:
+                d = lsum.dense_sum
+                assert d is not None
+                d.mul_(1.0 / total)
+                if prev is not None:
+                    d.addmm_(prev[1].to(d), prev[0].to(d))
+                svd = svd_of_dense(d)
+                B, A = svd.U * svd.S, svd.V.T.contiguous()
+            else:
+                B, A = lsum.stack()
+                B = B * (1.0 / total)
+                if prev is not None:
+                    A = torch.cat([prev[0].to(A), A], dim=0)
+                    B = torch.cat([prev[1].to(B), B], dim=1)
+                if A.shape[0] > min(shape):
+                    svd = svd_of_product(B, A, method="dense")
+                    B, A = svd.U * svd.S, svd.V.T.contiguous()
+            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=1.0)
+        return GlobalState(aggregator=self.aggregator.name, modules=modules, round=self._next_round())

@@ -22,7 +22,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, _check_alpha, _check_rslora
+from flexlora.core.aggregators.base import (
+    Aggregator,
+    GlobalState,
+    ModuleState,
+    RoundAccumulator,
+    _check_alpha,
+    _check_rslora,
+)
 from flexlora.core.lowrank import frobenius_of_product, pad_to_rank, stable_seed
 from flexlora.core.types import (
     AggregationError,
@@ -97,6 +104,15 @@ class HetLoRA(Aggregator):
             return sizes.tolist()
         return (norms / total).tolist()
 
+    def begin_round(
+        self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
+    ) -> RoundAccumulator:
+        """Streaming aggregation: running zero-padded sums of the scaled factors with the raw
+        weights (norm, norm x examples or examples), normalised at ``finish``; for the norm
+        weightings the example-weighted sums are kept beside them for the all-zero fallback
+        (see :meth:`Aggregator.begin_round`)."""
+        return _HetLoRAAccumulator(self, previous)
+
     def distribute(
         self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
     ) -> dict[str, Factors]:
@@ -170,3 +186,66 @@ def pruned_ranks(
             tail = float(torch.linalg.norm(B[:, t:]) * torch.linalg.norm(A[t:, :]))
         out[m] = t if (t < r and full > 0 and tail / full < threshold) else r
     return out
+
+
+class _PaddedSum:
+    """``sum_k w_k pad(A_k)`` and ``sum_k w_k pad(B_k)``, zero-padded to the largest rank so far."""
+
+    def __init__(self) -> None:
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+        self.weight = 0.0
+
+    def add(self, w: float, a: torch.Tensor, b: torch.Tensor) -> None:
+        r = a.shape[0]
+        if self.A is None or self.B is None:
+            self.A, self.B = torch.zeros_like(a), torch.zeros_like(b)
+        if r > self.A.shape[0]:
+            grow = r - self.A.shape[0]
+            self.A = torch.cat([self.A, self.A.new_zeros(grow, self.A.shape[1])], dim=0)
+            self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], grow)], dim=1)
+        self.A[:r] += w * a
+        self.B[:, :r] += w * b
+        self.weight += w
+
+
+class _HetLoRAAccumulator(RoundAccumulator):
+    aggregator: HetLoRA
+
+    def __init__(self, aggregator: HetLoRA, previous: GlobalState | None) -> None:
+        super().__init__(aggregator, previous)
+        self.by_weight: dict[str, _PaddedSum] = {}
+        self.by_size: dict[str, _PaddedSum] = {}
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+
+    def _fold(self, update: ClientUpdate, label: str) -> None:
+        weighting = self.aggregator.weighting
+        if self.dtype is None:
+            first_a = next(iter(update.factors.values()))[0]
+            self.dtype = torch.float64 if first_a.dtype == torch.float64 else torch.float32
+            self.device = first_a.device
+        n = float(update.num_examples)
+        for name, (a, b) in update.factors.items():
+            a = a.to(device=self.device, dtype=self.dtype)
+            b = b.to(device=self.device, dtype=self.dtype) * update.scale(name)
+            if weighting == "size":
+                w = n
+            else:
+                w = float(frobenius_of_product(b.double(), a.double()))
+                if weighting == "norm_size":
+                    w *= n
+                self.by_size.setdefault(name, _PaddedSum()).add(n, a, b)
+            self.by_weight.setdefault(name, _PaddedSum()).add(w, a, b)
+
+    def _finish(self) -> GlobalState:
+        assert self.shapes is not None
+        modules: dict[str, ModuleState] = {}
+        for name, shape in self.shapes.items():
+            acc = self.by_weight.pop(name)
+            if not acc.weight > 0.0:
+                # Every update of this module is zero: data-size weights, as aggregate() falls back to.
+                acc = self.by_size.pop(name, acc)
+            assert acc.A is not None and acc.B is not None
+            modules[name] = ModuleState(shape=shape, A=acc.A / acc.weight, B=acc.B / acc.weight, scale=1.0)
+        return GlobalState(aggregator=self.aggregator.name, modules=modules, round=self._next_round())

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -42,6 +42,9 @@ from flexlora.engines.flower.wire import (
     task_content,
 )
 from flexlora.training.client import ClientTask
+
+POLL_SECONDS = 0.5
+"""Pause between two pulls of a round's replies when none came (Flower's own send_and_receive waits 3 s)."""
 
 
 class FlexLoRAStrategy(Strategy):
@@ -76,6 +79,9 @@ class FlexLoRAStrategy(Strategy):
         self.round_timeout = float(round_timeout if round_timeout is not None else fl.round_timeout)
         self.wire_dtype = wire_dtype or fl.wire_dtype
         self.wait_for_nodes = float(wait_for_nodes if wait_for_nodes is not None else fl.wait_for_nodes)
+        self.fold_order = fl.fold_order
+        self._tasks: list[ClientTask] = []
+        self._node_of_task: dict[int, int] = {}  # id(task) -> node id it was sent to, this round
         self.log = log or federation.log
         self.node_of: dict[int, int] = {}  # client index -> node id
         self._seen: set[int] = set()  # node ids already asked for their capabilities
@@ -176,6 +182,8 @@ class FlexLoRAStrategy(Strategy):
     def messages_for(self, server_round: int, tasks: Sequence[ClientTask], grid: Grid) -> list[Message]:
         """One ``train`` Message per task whose client has a node."""
         msgs, self._sent, self._down, self._msgs = [], {}, {}, {}
+        self._tasks = list(tasks)
+        self._node_of_task: dict[int, int] = {}
         self._unplaced = [t for t in tasks if t.client not in self.node_of]
         for t in tasks:
             node = self.node_of.get(t.client)
@@ -185,6 +193,7 @@ class FlexLoRAStrategy(Strategy):
             self._down[node] = record_nbytes(content.array_records.get("init")) + record_nbytes(
                 content.array_records.get("base"))
             self._sent[node] = t
+            self._node_of_task[id(t)] = node
             msg = Message(content, dst_node_id=node, message_type=MSG_TRAIN, ttl=self.round_timeout,
                           group_id=str(server_round))
             self._msgs[node] = msg
@@ -198,35 +207,43 @@ class FlexLoRAStrategy(Strategy):
         return self.messages_for(server_round, self.fed.plan_round(server_round), grid)
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> list[ClientOutcome]:
-        """Turn the replies into one outcome per task: an update, or why there is none."""
+        """Turn the replies into one outcome per task (an update, or why there is none), in the
+        order of the round's tasks."""
         got: dict[int, ClientOutcome] = {}
+        for rep in replies:
+            o = self.outcome_of(server_round, rep, got)
+            if o is not None:
+                got[self._node_of_task[id(o.task)]] = o
+        return [got.get(self._node_of_task.get(id(t), -1)) or self.missing_outcome(t) for t in self._tasks]
+
+    def outcome_of(self, server_round: int, rep: Message, got: Mapping[int, Any] = {}) -> ClientOutcome | None:
+        """The outcome a reply carries, or None (with a warning) for a reply to no message of this
+        round's or a second reply from the same node (in ``got``)."""
         # Match by the message a reply answers, not by its sender: when a node dies, the SuperLink
         # itself answers for it (an error reply from the SuperLink's own node id).
         node_of_msg = {m.metadata.message_id: n for n, m in self._msgs.items() if m.metadata.message_id}
-        for rep in replies:
-            node = node_of_msg.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id)
-            task = self._sent.get(node)
-            if task is None or node in got:
-                self.log(f"warning: round {server_round}: reply from node {rep.metadata.src_node_id} to no message "
-                         "of this round's; ignored")
-                continue
-            o = ClientOutcome(task, where=f"node {node}", bytes_down=self._down.get(node, 0))
-            try:
-                if rep.has_error():
-                    raise WireError(self._error_reason(rep))
-                o.update, o.train_loss, o.steps, o.bytes_up = decode_reply(rep.content)
-            except WireError as exc:
-                o.update, o.failure = None, str(exc)
-            got[node] = o
-        outcomes = []
-        for node, task in self._sent.items():
-            outcomes.append(got.get(node) or ClientOutcome(
-                task, failure=f"no reply within {self.round_timeout:g}s (crashed, disconnected or too slow)",
-                where=f"node {node}", bytes_down=self._down.get(node, 0)))
-        for task in self._unplaced:
-            outcomes.append(ClientOutcome(task, failure=f"no connected node holds partition {task.client}"))
-        order = {id(o.task): i for i, o in enumerate(outcomes)}
-        return sorted(outcomes, key=lambda o: (o.task.client, order[id(o.task)]))
+        node = node_of_msg.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id)
+        task = self._sent.get(node)
+        if task is None or node in got:
+            self.log(f"warning: round {server_round}: reply from node {rep.metadata.src_node_id} to no message "
+                     "of this round's; ignored")
+            return None
+        o = ClientOutcome(task, where=f"node {node}", bytes_down=self._down.get(node, 0))
+        try:
+            if rep.has_error():
+                raise WireError(self._error_reason(rep))
+            o.update, o.train_loss, o.steps, o.bytes_up = decode_reply(rep.content)
+        except WireError as exc:
+            o.update, o.failure = None, str(exc)
+        return o
+
+    def missing_outcome(self, task: ClientTask) -> ClientOutcome:
+        """The outcome of a task whose reply never came (or whose client has no node)."""
+        node = self._node_of_task.get(id(task))
+        if node is None:
+            return ClientOutcome(task, failure=f"no connected node holds partition {task.client}")
+        return ClientOutcome(task, failure=f"no reply within {self.round_timeout:g}s (crashed, disconnected or too "
+                             "slow)", where=f"node {node}", bytes_down=self._down.get(node, 0))
 
     def _error_reason(self, rep: Message) -> str:
         """What an error reply means for the round, in words; the SuperLink answers for a node
@@ -293,12 +310,63 @@ class FlowerEngine:
         self.strategy = strategy
         self.grid = grid
 
-    def train_round(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:
+    def train_round(self, fed: Federation, rnd: int, tasks: Sequence[ClientTask]) -> Iterator[ClientOutcome]:
+        """Send the round's messages and yield each reply's outcome as it is pulled, for the
+        federation to fold in at once (streaming aggregation).
+
+        With ``flower.fold_order = "task"`` (the default) a reply that arrives before the reply of
+        an earlier task waits for it, so the updates are folded in the tasks' order and the run's
+        numbers equal the in-process engine's bit for bit; ``"arrival"`` folds every reply as it
+        comes, so the server holds at most one update at a time, and the result equals the
+        task-order one to float32 accuracy.
+        """
         s = self.strategy
         s.discover(self.grid)
         msgs = s.messages_for(rnd, tasks, self.grid)
-        replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout)) if msgs else []
-        outcomes = s.collect(rnd, replies)
+        pending = set(self.grid.push_messages(msgs)) if msgs else set()
+        deadline = time.monotonic() + s.round_timeout
+        arrival = s.fold_order == "arrival"
+        order = list(tasks)
+        ready: dict[int, ClientOutcome] = {}  # id(task) -> outcome waiting for its turn
+        by_node: dict[int, ClientOutcome] = {}
+        nxt = 0
+
+        def flush(final: bool) -> Iterator[ClientOutcome]:
+            nonlocal nxt
+            while nxt < len(order):
+                t = order[nxt]
+                o = ready.pop(id(t), None)
+                if o is None and (final or id(t) not in s._node_of_task):
+                    o = s.missing_outcome(t)  # no node holds it, or its reply never came
+                if o is None:
+                    return
+                nxt += 1
+                yield o
+
+        while pending:
+            replies = list(self.grid.pull_messages(pending))
+            for rep in replies:
+                pending.discard(rep.metadata.reply_to_message_id)
+                o = s.outcome_of(rnd, rep, by_node)
+                if o is None:
+                    continue
+                by_node[s._node_of_task[id(o.task)]] = o
+                if arrival:
+                    yield o
+                else:
+                    ready[id(o.task)] = o
+            del replies
+            if not arrival:
+                yield from flush(final=False)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_SECONDS)
         if s._kill_at == rnd:
             os.kill(os.getpid(), signal.SIGKILL)
-        return outcomes
+        if arrival:
+            for t in order:
+                node = s._node_of_task.get(id(t))
+                if node is None or node not in by_node:
+                    yield s.missing_outcome(t)
+        else:
+            yield from flush(final=True)
