@@ -76,6 +76,17 @@ def test_report_tables_and_verdicts():
     assert "| FedIT | homo | 1,000 | 500 | type1: 1,000 | 1.0000 | 300 |" in lines
 
 
+def test_tail_energy_table_averages_seeds_by_round():
+    # By hand: round 1 (0.3 + 0.4 + 0.5) / 3 = 0.4000, round 2 (0.2 + 0.2 + 0.5) / 3 = 0.3000.
+    rows = [_row("FlexLoRA+FedIT", "uniform", s, 0.5, tail_energy={"1": t1, "2": t2})
+            for s, (t1, t2) in enumerate(((0.3, 0.2), (0.4, 0.2), (0.5, 0.5)))]
+    rows.append(_row("FedIT", "homo", 0, 0.2))  # no tail energy: not in the table
+    lines = render_markdown(rows).splitlines()
+    assert "| method | distribution | round 1 | round 2 |" in lines
+    assert "| FlexLoRA+FedIT | uniform | 0.4000 | 0.3000 |" in lines
+    assert not any(ln.startswith("| FedIT | homo | 0.") for ln in lines)
+
+
 def test_write_report_files(tmp_path):
     paths = write_report(ROWS, tmp_path)
     names = {p.name for p in paths}

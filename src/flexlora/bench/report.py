@@ -148,6 +148,22 @@ def render_markdown(results: Sequence[dict[str, Any]]) -> str:
             lines.append(f"| {g[1]} | {g[2]} | {_bytes(up)} | {_bytes(down)} | {per_type or '–'} | {agg_s} | "
                          f"{wall_s} |")
 
+        tail_keys = [g for g in keys if any(r.get("tail_energy") for r in groups[g])]
+        if tail_keys:
+            rounds = sorted({int(k) for g in tail_keys for r in groups[g] for k in (r.get("tail_energy") or {})})
+            lines += ["", "### Rank collapse: energy beyond the smallest client rank", "",
+                      "Share of the global update's energy beyond the smallest client rank of each module, over "
+                      "every adapted module, `sum_m sum_{i > r_min(m)} s_i^2 / sum_m sum_i s_i^2`, after each round "
+                      "(mean over seeds). Under homogeneous ranks it is 0 by definition.", "",
+                      "| method | distribution | " + " | ".join(f"round {k}" for k in rounds) + " |",
+                      "| --- | --- | " + " | ".join("---:" for _ in rounds) + " |"]
+            for g in tail_keys:
+                cells = []
+                for k in rounds:
+                    v = _mean_of(groups[g], lambda r, k=k: (r.get("tail_energy") or {}).get(str(k)))
+                    cells.append(f"{v:.4f}" if not math.isnan(v) else "–")
+                lines.append(f"| {g[1]} | {g[2]} | " + " | ".join(cells) + " |")
+
         lines += ["", "### Differences larger than the spread", ""]
         multi = [g for g in keys if mean_std(_finals(groups[g]))[2] >= 2]
         if len(multi) < 2:
