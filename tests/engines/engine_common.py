@@ -33,3 +33,21 @@ def run_cli(args: list[str], env_extra: dict[str, str] | None = None) -> subproc
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "flexlora.cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=600)
+
+
+def run_local(tmp_path, name: str, sets: list[str], *, resume: bool = False):
+    """A finished in-process run of ``TINY`` plus ``sets`` in ``tmp_path / name`` (quiet)."""
+    from flexlora.engines.config import load_config
+    from flexlora.engines.simulation import Simulation
+
+    sim = Simulation(load_config(None, [*TINY, *sets]), tmp_path / name, resume=resume, progress=False,
+                     log=lambda m: None)
+    sim.run()
+    return sim
+
+
+def run_metrics(sim) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    import json
+
+    return [json.loads(x) for x in (sim.run_dir / "metrics.jsonl").read_text().splitlines()]

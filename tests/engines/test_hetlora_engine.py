@@ -3,15 +3,13 @@ their next rounds, never go below the floor, and a resumed run keeps the pruned 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from engine_common import TINY
+from engine_common import run_local, run_metrics
 from safetensors.torch import load_file
 
-from flexlora.engines.config import load_config
 from flexlora.engines.federation import deterministic_view
 from flexlora.engines.simulation import Simulation
 
@@ -22,14 +20,10 @@ PRUNE = ["aggregator=hetlora", "train.hetlora_prune_threshold=1.0", "clients_per
 
 
 def _run(tmp_path: Path, name: str, *extra: str, resume: bool = False) -> Simulation:
-    sim = Simulation(load_config(None, [*TINY, *PRUNE, *extra]), tmp_path / name, resume=resume, progress=False,
-                     log=lambda m: None)
-    sim.run()
-    return sim
+    return run_local(tmp_path, name, [*PRUNE, *extra], resume=resume)
 
 
-def _metrics(sim: Simulation) -> list[dict]:
-    return [json.loads(x) for x in (sim.run_dir / "metrics.jsonl").read_text().splitlines()]
+_metrics = run_metrics
 
 
 def _expected_ranks(sim: Simulation, records: list[dict]) -> list[dict[str, dict[str, int]]]:

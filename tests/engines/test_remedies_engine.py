@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_common import TINY
+from engine_common import TINY, run_local, run_metrics
 from safetensors.torch import load_file
 
 from flexlora.core import AggregationError
@@ -21,14 +21,10 @@ QUIET = ["eval.every=0", "eval.baseline=false", "eval.per_type=false", "aggregat
 
 
 def _run(tmp_path: Path, name: str, *extra: str, resume: bool = False) -> Simulation:
-    sim = Simulation(load_config(None, [*TINY, *QUIET, *extra]), tmp_path / name, resume=resume, progress=False,
-                     log=lambda m: None)
-    sim.run()
-    return sim
+    return run_local(tmp_path, name, [*QUIET, *extra], resume=resume)
 
 
-def _metrics(sim: Simulation) -> list[dict]:
-    return [json.loads(x) for x in (sim.run_dir / "metrics.jsonl").read_text().splitlines()]
+_metrics = run_metrics
 
 
 @pytest.mark.parametrize("remedy", ["server-memory", "rank-partitioned"])
