@@ -6,13 +6,15 @@ set, aggregator, checkpoints, outputs) and what the server does each round:
 1. :meth:`Federation.plan_round` samples the round's clients and builds one
    :class:`~flexlora.training.client.ClientTask` per client (the global adapter distributed to
    its own ranks, its seed);
-2. an *engine* delivers the tasks and collects one :class:`ClientOutcome` per task: the
-   in-process engine (:mod:`flexlora.engines.simulation`) calls
+2. an *engine* delivers the tasks and yields one :class:`ClientOutcome` per task as it arrives:
+   the in-process engine (:mod:`flexlora.engines.simulation`) calls
    :func:`~flexlora.training.client.run_client_task` directly, the Flower engine
    (:mod:`flexlora.engines.flower`) sends one Message per node;
-3. :meth:`Federation.aggregate_round` checks every reply against what was asked (modules,
-   shapes, ranks, finite values), drops the bad and missing ones with a warning, enforces
-   ``min_clients`` and aggregates through the core;
+3. the round's :class:`RoundFold` (:meth:`Federation.begin_aggregation`) checks each reply
+   against what was asked (modules, shapes, ranks, finite values), drops a bad or missing one
+   with a warning, folds a good one into the core aggregator's streaming accumulator at once,
+   and at the end enforces ``min_clients`` and installs the new global state
+   (:meth:`Federation.aggregate_round` does the same for a list of outcomes);
 4. :meth:`Federation.end_round` evaluates when due, writes the atomic checkpoint and the metrics.
 
 :meth:`Federation.run` is that loop, the same for every engine.
