@@ -242,8 +242,10 @@ class _FlexLoRAAccumulator(RoundAccumulator):
             lsum = self.sums[m]
             coef = n * float(update.alpha) / lora_scaling_denominator(r, update.rslora)
             bs = b.to(device=lsum[0].device or b.device, dtype=lsum[0].dtype) * coef
+            # One partition [0, min(out, in)) without rank partitioning; with it, r is a boundary,
+            # so every partition starting below r ends at or below it.
             for j, (lo, hi) in enumerate(parts):
-                if hi > r and not (lo == 0 and len(parts) == 1):
+                if lo >= r:
                     break
                 top = min(hi, r)
                 lsum[j].add(bs[:, lo:top], a[lo:top])
