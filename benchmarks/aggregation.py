@@ -1,20 +1,28 @@
-"""Aggregation benchmark: flexlora's aggregate + distribute against the dense reference.
+"""Aggregation benchmark: flexlora's aggregate + distribute against the dense reference and
+against the previous default exact path (Householder thin QR).
 
 The dense reference is the published approach: form the dense weighted sum
 ``sum_k p_k (alpha_k / r_k) B_k A_k`` client by client, take one full SVD, and truncate it to
 each distinct client rank. flexlora's path is ``FlexLoRA(max_rank=<largest client rank>)``:
-aggregate, then distribute to every distinct rank.
+aggregate, then distribute to every distinct rank, with the default ``svd_method="auto"`` (the
+Cholesky path on CPU) and with ``svd_method="qr"`` (the thin-QR path that was the default before).
+
+Rounds: 10 clients cycling ranks 8/30/200 with independent random factors; 80 heavy-tail-light
+clients; and two nearly collinear rounds, as real ones are: 10 clients that received the top r
+directions of one global update (singular values decaying over three decades) and moved by
+1e-2 or 1e-3 of their factors.
 
 Each (case, method) runs in its own subprocess, so its peak memory (resident set growth over the
-inputs) is measured alone; both methods are first warmed up on a small 512 x 512 round, then
-timed ``--repeats`` times on the same inputs, and the best time is reported (as ``timeit`` does). Agreement is checked on random sketches ``P^T X_r Q`` of each rank-r
-effective update (the same ``P``, ``Q`` for both methods): a disagreement of the full matrices
-shows in the sketches with probability one.
+inputs) is measured alone; every method is first warmed up on a small round, then timed
+``--repeats`` times on the same inputs, and the best time is reported (as ``timeit`` does).
+Agreement is checked on random sketches ``P^T X_r Q`` of each rank-r effective update (the same
+``P``, ``Q`` for all methods): a disagreement of the full matrices shows in the sketches with
+probability one.
 
 Usage::
 
-    python benchmarks/aggregation.py            # all four cases, best of 3 (about 8 minutes on 2 cores)
-    python benchmarks/aggregation.py --quick    # 1024-sized modules, seconds
+    python benchmarks/aggregation.py            # all six cases, best of 3 (about 12 minutes on 2 cores)
+    python benchmarks/aggregation.py --quick    # 1024-sized modules, about a minute
 """
 
 from __future__ import annotations
@@ -36,17 +44,30 @@ SKETCH = 16
 
 
 def make_round(out_f: int, in_f: int, scenario: str, seed: int):
-    """The round's factors: 10 clients cycling ranks 8/30/200, or 80 heavy-tail-light clients."""
+    """The round's factors (see the module docstring for the scenarios)."""
     from flexlora.core.distributions import sample_client_types
 
     g = torch.Generator().manual_seed(seed)
-    if scenario == "10-mixed":
-        ranks = [RANKS[i % 3] for i in range(10)]
-    else:
+    if scenario.startswith("80-"):
         types = sample_client_types(80, "heavy-tail-light", seed=seed)
         # 4096 x 4096 stands for an attention projection, 4096 x 11008 for an MLP one.
         ranks = [t.attention_rank if out_f == in_f else t.mlp_rank for t in types]
+    else:
+        ranks = [RANKS[i % 3] for i in range(10)]
     factors, sizes = [], []
+    if scenario.startswith("10-collinear-"):
+        noise = float(scenario.rsplit("-", 1)[1].replace("e", "e-"))
+        top = max(ranks)
+        sv = torch.logspace(0, -3, top, dtype=torch.float64).sqrt()
+        qb, _ = torch.linalg.qr(torch.randn(out_f, top, generator=g, dtype=torch.float64))
+        qa, _ = torch.linalg.qr(torch.randn(in_f, top, generator=g, dtype=torch.float64))
+        gb, ga = qb * sv, (qa * sv).T
+        for r in ranks:
+            A = ga[:r] + noise * torch.randn(r, in_f, generator=g, dtype=torch.float64) / in_f**0.5
+            B = (r / ALPHA) * (gb[:, :r] + noise * torch.randn(out_f, r, generator=g, dtype=torch.float64) / out_f**0.5)
+            factors.append((A.float(), B.float()))
+            sizes.append(int(torch.randint(20, 200, (1,), generator=g)))
+        return factors, sizes, ranks
     for r in ranks:
         A = torch.randn(r, in_f, generator=g) / in_f**0.5
         B = torch.randn(out_f, r, generator=g) / r**0.5
@@ -55,11 +76,11 @@ def make_round(out_f: int, in_f: int, scenario: str, seed: int):
     return factors, sizes, ranks
 
 
-def run_flexlora(factors, sizes, ranks):
+def run_flexlora(factors, sizes, ranks, svd_method="auto"):
     import flexlora
 
     updates = [flexlora.ClientUpdate({"m": f}, num_examples=n, alpha=ALPHA) for f, n in zip(factors, sizes)]
-    agg = flexlora.get_aggregator("flexlora", max_rank=max(ranks))
+    agg = flexlora.get_aggregator("flexlora", max_rank=max(ranks), svd_method=svd_method)
     state = agg.aggregate(updates)
     out = {r: agg.distribute(state, rank=r, alpha=ALPHA)["m"] for r in sorted(set(ranks))}
     method = state.modules["m"].svd.method
@@ -82,12 +103,18 @@ def run_dense(factors, sizes, ranks):
 def worker(args) -> None:
     torch.manual_seed(0)
     factors, sizes, ranks = make_round(args.out, args.inp, args.scenario, args.seed)
-    fn = run_flexlora if args.worker == "flexlora" else run_dense
-    if args.worker == "flexlora":
+    def previous_default(factors, sizes, ranks):
+        # What "auto" picked before the Cholesky path: thin QR up to the dense crossover.
+        A, B = factors[0]
+        thin = sum(ranks) <= 0.85 * min(B.shape[0], A.shape[1])
+        return run_flexlora(factors, sizes, ranks, svd_method="qr" if thin else "auto")
+
+    fn = {"flexlora": run_flexlora, "qr": previous_default, "dense": run_dense}[args.worker]
+    if args.worker != "dense":
         import flexlora  # noqa: F401  (import cost is not part of the timing)
-    # Warm up both methods the same way (thread pool, LAPACK workspaces) on a small round, so the
+    # Warm up every method the same way (thread pool, LAPACK workspaces) on a small round, so the
     # timed call measures the algorithm and not the first-call start-up of the process.
-    fn(*make_round(512, 512, args.scenario, args.seed + 1))
+    fn(*make_round(1024, 1024, args.scenario, args.seed + 1))
     base_rss = rss_mib()
     base_peak = peak_mib()
     times = []
@@ -114,29 +141,34 @@ def worker(args) -> None:
 
 def run_case(out_f: int, in_f: int, scenario: str, seed: int, repeats: int) -> dict:
     res = {}
-    for method in ("flexlora", "dense"):
+    for method in ("flexlora", "qr", "dense"):
         cmd = [sys.executable, __file__, "--worker", method, "--out", str(out_f), "--inp", str(in_f),
                "--scenario", scenario, "--seed", str(seed), "--repeats", str(repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"worker failed ({method}, {out_f}x{in_f}, {scenario}):\n{proc.stderr}")
         res[method] = json.loads(proc.stdout)
-    err = 0.0
+    err = {"flexlora": 0.0, "qr": 0.0}
     for r, sk in res["dense"]["sketches"].items():
         ref = torch.tensor(sk, dtype=torch.float64)
-        got = torch.tensor(res["flexlora"]["sketches"][r], dtype=torch.float64)
-        err = max(err, float((got - ref).norm() / ref.norm()))
+        for m in err:
+            got = torch.tensor(res[m]["sketches"][r], dtype=torch.float64)
+            err[m] = max(err[m], float((got - ref).norm() / ref.norm()))
     return {
         "case": f"{out_f}x{in_f}",
         "scenario": scenario,
         "R": res["flexlora"]["R"],
         "path": res["flexlora"]["path"],
         "flexlora_s": res["flexlora"]["seconds"],
+        "qr_s": res["qr"]["seconds"],
         "dense_s": res["dense"]["seconds"],
         "speedup": res["dense"]["seconds"] / res["flexlora"]["seconds"],
+        "vs_qr": res["qr"]["seconds"] / res["flexlora"]["seconds"],
         "flexlora_peak_mib": res["flexlora"]["peak_mib"],
+        "qr_peak_mib": res["qr"]["peak_mib"],
         "dense_peak_mib": res["dense"]["peak_mib"],
-        "max_rel_diff": err,
+        "max_rel_diff": err["flexlora"],
+        "qr_max_rel_diff": err["qr"],
     }
 
 
@@ -146,7 +178,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per method and case; the best is reported")
-    ap.add_argument("--worker", choices=("flexlora", "dense"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("flexlora", "qr", "dense"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--inp", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--scenario", help=argparse.SUPPRESS)
@@ -157,19 +189,22 @@ def main() -> None:
     shapes = [(1024, 1024), (1024, 2752)] if args.quick else [(4096, 4096), (4096, 11008)]
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ranks {RANKS}, alpha {ALPHA}")
-    header = f"{'module':>11} {'clients':>16} {'R':>5} {'path':>5} {'flexlora s':>10} {'dense s':>8} {'speedup':>8} " \
-             f"{'flex MiB':>9} {'dense MiB':>9} {'max rel diff':>12}"
+    header = f"{'module':>11} {'clients':>20} {'R':>5} {'path':>8} {'flexlora s':>10} {'qr s':>7} {'dense s':>8} " \
+             f"{'vs dense':>8} {'vs qr':>6} {'flex MiB':>9} {'dense MiB':>9} {'rel diff':>8} {'qr diff':>8}"
     print(header)
-    for out_f, in_f in shapes:
-        for scenario in ("10-mixed", "80-heavy-tail-light"):
-            row = run_case(out_f, in_f, scenario, args.seed, args.repeats)
-            rows.append(row)
-            print(f"{row['case']:>11} {scenario:>16} {row['R']:>5} {row['path']:>5} {row['flexlora_s']:>10.3f} "
-                  f"{row['dense_s']:>8.2f} {row['speedup']:>7.1f}x {row['flexlora_peak_mib']:>9.0f} "
-                  f"{row['dense_peak_mib']:>9.0f} {row['max_rel_diff']:>12.1e}", flush=True)
+    cases = [(shape, sc) for shape in shapes for sc in ("10-mixed", "80-heavy-tail-light")]
+    cases += [(shapes[0], sc) for sc in ("10-collinear-1e2", "10-collinear-1e3")]
+    for (out_f, in_f), scenario in cases:
+        row = run_case(out_f, in_f, scenario, args.seed, args.repeats)
+        rows.append(row)
+        print(f"{row['case']:>11} {scenario:>20} {row['R']:>5} {row['path']:>8} {row['flexlora_s']:>10.3f} "
+              f"{row['qr_s']:>7.3f} {row['dense_s']:>8.2f} {row['speedup']:>7.1f}x {row['vs_qr']:>5.2f}x "
+              f"{row['flexlora_peak_mib']:>9.0f} {row['dense_peak_mib']:>9.0f} {row['max_rel_diff']:>8.1e} "
+              f"{row['qr_max_rel_diff']:>8.1e}", flush=True)
     worst = min(r["speedup"] for r in rows)
     disagree = max(r["max_rel_diff"] for r in rows)
-    print(f"slowest speedup {worst:.1f}x; largest relative difference of the results {disagree:.1e}")
+    print(f"slowest speedup {worst:.1f}x; against the thin-QR path {min(r['vs_qr'] for r in rows):.2f}x to "
+          f"{max(r['vs_qr'] for r in rows):.2f}x; largest relative difference of the results {disagree:.1e}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if disagree > 1e-4:

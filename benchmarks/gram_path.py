@@ -1,37 +1,91 @@
-"""The opt-in float64 Gram exact path against Householder thin QR, one 4096 x 4096 module.
+"""The exact paths of ``svd_of_product`` side by side on one 4096 x 4096 module.
 
-10 clients of ranks 8/30/200 (R = 722), top 200 kept, random factors; best of 3 per method,
-both measured in this run, then the cost of the Gram path's parts.
+10 clients of ranks 8/30/200 (R = 722), top 200 kept. Three kinds of round:
+
+- "random": independent random factors (well conditioned);
+- "collinear 1e-2" / "collinear 1e-3": every client received the top ``r`` directions of one
+  global update of rank 200 (singular values decaying over three decades) and moved by that
+  relative amount, as in real rounds, where the stacked factors are nearly collinear.
+
+For each, "qr" (Householder thin QR), "cholesky" (float32 Grams, Cholesky, float64 R x R work;
+it gives way to "qr" when its checks fail) and "gram" (float64 Grams, eigen square roots) are
+timed best of 3, interleaved, in this run; the error is against the float64 best rank-200
+approximation, relative in Frobenius norm.
 
 Usage::
 
-    python benchmarks/gram_path.py
+    python benchmarks/gram_path.py [--size 4096]
 """
 
+from __future__ import annotations
+
+import argparse
 import time
 
 import torch
 
 from flexlora.core.lowrank import svd_of_product
 
-torch.manual_seed(0)
-out = inn = 4096
-ranks = [8, 30, 200] * 3 + [8]
-B = torch.cat([torch.randn(out, r) / r**0.5 * 0.1 for r in ranks], 1)
-A = torch.cat([torch.randn(r, inn) / inn**0.5 for r in ranks], 0)
-B = B.T.contiguous().T  # column-major, as scaled_stack builds it
-best = {}
-for m in ("gram", "qr", "gram", "qr"):  # interleaved, warm
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        r = svd_of_product(B, A, method=m, max_rank=200)
-        ts.append(time.perf_counter() - t)
-    best[m] = min(ts)
-    print(f"{m:5s} (ran {r.method}): {best[m]:.3f} s")
-print(f"gram / qr time ratio: {best['gram'] / best['qr']:.2f}")
-Bd = B.double()
-t = time.perf_counter(); G = Bd.T @ Bd; print(f"  float64 Gram 4096 x 722: {time.perf_counter() - t:.3f} s")
-t = time.perf_counter(); torch.linalg.eigh(G); print(f"  float64 eigh 722: {time.perf_counter() - t:.3f} s")
-t = time.perf_counter(); torch.linalg.svd(G); print(f"  float64 SVD 722: {time.perf_counter() - t:.3f} s")
-t = time.perf_counter(); torch.geqrf(B); print(f"  float32 geqrf 4096 x 722: {time.perf_counter() - t:.3f} s")
+RANKS = (8, 30, 200) * 3 + (8,)
+KEEP = 200
+
+
+def make_round(size: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked factors ``Bc`` (column-major, client weights folded in) and ``Ac`` of one round."""
+    g = torch.Generator().manual_seed(seed)
+    tot = sum(range(1, len(RANKS) + 1))
+    Bs, As = [], []
+    if kind == "random":
+        for k, r in enumerate(RANKS):
+            Bs.append((k + 1) / tot * torch.randn(size, r, generator=g, dtype=torch.float64) / r**0.5)
+            As.append(torch.randn(r, size, generator=g, dtype=torch.float64) / size**0.5)
+    else:
+        noise = float(kind.split()[1])
+        sv = torch.logspace(0, -3, KEEP, dtype=torch.float64).sqrt()
+        qb, _ = torch.linalg.qr(torch.randn(size, KEEP, generator=g, dtype=torch.float64))
+        qa, _ = torch.linalg.qr(torch.randn(size, KEEP, generator=g, dtype=torch.float64))
+        gb, ga = qb * sv, (qa * sv).T
+        for k, r in enumerate(RANKS):
+            db = torch.randn(size, r, generator=g, dtype=torch.float64) / size**0.5
+            da = torch.randn(r, size, generator=g, dtype=torch.float64) / size**0.5
+            Bs.append((k + 1) / tot * (gb[:, :r] + noise * db))
+            As.append(ga[:r] + noise * da)
+    B = torch.cat(Bs, 1).float().T.contiguous().T  # column-major, as scaled_stack builds it
+    return B, torch.cat(As, 0).float()
+
+
+def relative_error_to_best(res, best: torch.Tensor) -> float:
+    return float((res.dense().double() - best).norm() / best.norm())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=4096, help="module size (square)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.size} x {args.size}, "
+          f"R = {sum(RANKS)}, top {KEEP}")
+    svd_of_product(*make_round(768, "random", 1), method="cholesky", max_rank=KEEP)  # warm-up
+    svd_of_product(*make_round(768, "random", 1), method="qr", max_rank=KEEP)
+    print(f"{'round':>15} {'method':>9} {'ran':>9} {'seconds':>8} {'vs qr':>6} {'error':>8}")
+    for kind in ("random", "collinear 1e-2", "collinear 1e-3"):
+        B, A = make_round(args.size, kind)
+        # Reference: the same factors in float64, Householder path (float64 throughout, exact to ~1e-15).
+        best = svd_of_product(B.double(), A.double(), method="qr", max_rank=KEEP).dense()
+        secs: dict[str, float] = {}
+        ran: dict[str, str] = {}
+        err: dict[str, float] = {}
+        for _ in range(args.repeats):
+            for m in ("qr", "cholesky", "gram"):
+                t = time.perf_counter()
+                res = svd_of_product(B, A, method=m, max_rank=KEEP)
+                secs[m] = min(secs.get(m, float("inf")), time.perf_counter() - t)
+                ran[m] = res.method
+                err[m] = relative_error_to_best(res, best)
+        for m in ("qr", "cholesky", "gram"):
+            print(f"{kind:>15} {m:>9} {ran[m]:>9} {secs[m]:>8.3f} {secs['qr'] / secs[m]:>5.2f}x {err[m]:>8.1e}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -49,27 +49,27 @@ def _check_svd(res: LowRankSVD, B, A, k, tol):
     out_f=st.integers(1, 48),
     in_f=st.integers(1, 48),
     R=st.integers(1, 60),
-    method=st.sampled_from(["auto", "gram", "qr", "dense"]),
+    method=st.sampled_from(["auto", "cholesky", "gram", "qr", "dense"]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 10_000),
 )
 def test_exact_paths_match_full_svd(out_f, in_f, R, method, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     B, A = _stack(gen, out_f, in_f, R, dtype)
-    if method in ("qr", "gram") and R > min(out_f, in_f):
+    if method in ("qr", "gram", "cholesky") and R > min(out_f, in_f):
         with pytest.raises(ValueError, match=method):
             svd_of_product(B, A, method=method)
         return
     res = svd_of_product(B, A, method=method)
     assert res.U.dtype == dtype
-    if method == "gram":  # it may give way to Householder QR when its checks fail
-        assert res.method in ("gram", "qr")
+    if method in ("gram", "cholesky"):  # they may give way to Householder QR when their checks fail
+        assert res.method in (method, "qr")
     elif method != "auto":
         assert res.method == method
     k = min(out_f, in_f, R)
-    # The Gram path counts singular values below 1e-7 of the largest as zero, so on float64
-    # inputs it holds 1e-7, not float64 precision.
-    gram64 = res.method == "gram" and dtype == torch.float64
+    # The Gram paths count singular values below 1e-7 of the largest as zero, so on float64
+    # inputs they hold 1e-7, not float64 precision.
+    gram64 = res.method in ("gram", "cholesky") and dtype == torch.float64
     _check_svd(res, B, A, k, 1e-5 if dtype == torch.float32 else (1e-7 if gram64 else 1e-11))
     # exact: the full-rank result reproduces B A
     ref = B.double() @ A.double()
@@ -77,7 +77,7 @@ def test_exact_paths_match_full_svd(out_f, in_f, R, method, dtype, seed):
     assert relative_error(res.dense(), ref) <= tol * max(1, math.sqrt(R))
 
 
-@pytest.mark.parametrize("method", ["gram", "qr", "dense", "auto"])
+@pytest.mark.parametrize("method", ["cholesky", "gram", "qr", "dense", "auto"])
 def test_max_rank_truncates(gen, method):
     B, A = _stack(gen, 40, 30, 12)
     res = svd_of_product(B, A, method=method, max_rank=5)
@@ -98,7 +98,7 @@ def test_rank_deficient_sum_is_exact(gen):
     mix = torch.randn(3, 10, generator=gen)
     B, A = B0 @ mix, torch.linalg.pinv(mix) @ A0
     ref = B.double() @ A.double()
-    for method in ("gram", "qr", "dense"):
+    for method in ("cholesky", "gram", "qr", "dense"):
         res = svd_of_product(B, A, method=method)
         assert res.S.shape == (10,)
         assert float(res.S[3]) <= 1e-5 * float(res.S[0])

@@ -103,7 +103,7 @@ def _round(helpers, gen, shapes, ranks, *, alphas=(16.0, 8.0, 16.0, 32.0), ns=(1
     ]
 
 
-@pytest.mark.parametrize("method", ["gram", "qr", "dense", "auto"])
+@pytest.mark.parametrize("method", ["cholesky", "gram", "qr", "dense", "auto"])
 def test_exact_svd_paths_agree_with_reference(helpers, gen, method):
     shapes = {"m": (48, 36), "n": (20, 44)}
     updates = _round(helpers, gen, shapes, [2, 5, 3, 6])  # R = 16 <= min(out, in)

@@ -66,9 +66,11 @@ class FlexLoRA(Aggregator):
         Largest rank that will be distributed. The state keeps only that many singular triplets
         per module, which saves memory and time; None keeps the full rank of each update
         (``min(sum_k r_k, out, in)``) so any rank can be distributed exactly.
-    svd_method : {"auto", "gram", "qr", "dense", "randomized"}, default "auto"
-        "auto" picks the thin-QR path when the round's total rank is at most
-        ``dense_threshold * min(out, in)``, and a dense SVD otherwise; both are exact.
+    svd_method : {"auto", "cholesky", "gram", "qr", "dense", "randomized"}, default "auto"
+        "auto" picks the Cholesky path on CPU (thin QR elsewhere) when the round's total rank is
+        at most ``dense_threshold * min(out, in)``, and a dense SVD otherwise; all are exact.
+        "cholesky" forms float32 Grams and does the R x R work in float64; it falls back to the
+        Householder thin QR ("qr") on nearly collinear stacks.
         "gram" is the float64 Gram path (more accurate, slower on CPU; it falls back to "qr"
         when its checks fail, see :func:`flexlora.core.lowrank.svd_of_product`).
         "randomized" is approximate (error bound in
@@ -121,9 +123,9 @@ class FlexLoRA(Aggregator):
                 f"remedy must be one of {', '.join(repr(r) for r in REMEDIES)}, got {remedy!r} "
                 "(in a config: aggregator_options = {remedy = \"server-memory\"})"
             )
-        if svd_method not in ("auto", "gram", "qr", "dense", "randomized"):
+        if svd_method not in ("auto", "cholesky", "gram", "qr", "dense", "randomized"):
             raise AggregationError(
-                f"svd_method must be 'auto', 'gram', 'qr', 'dense' or 'randomized', got {svd_method!r}"
+                f"svd_method must be 'auto', 'cholesky', 'gram', 'qr', 'dense' or 'randomized', got {svd_method!r}"
             )
         if svd_method == "randomized" and max_rank is None:
             raise AggregationError("svd_method='randomized' needs max_rank (the largest rank to distribute)")
