@@ -102,6 +102,17 @@ def test_all_zero_update_falls_back_to_householder():
     assert res.method == "qr" and float(res.S.abs().max()) == 0.0
 
 
+def test_client_weights_scaling_whole_columns_do_not_force_a_fallback(gen):
+    # Columns scaled over six decades (weights times alpha/r): unscaled, the Gram's Cholesky
+    # diagonal spans far more than CHOLESKY_MAX_COND; equilibrated it is well conditioned.
+    B, A = _round(gen, 900, 700, 1.0)
+    scale = torch.logspace(-3, 3, B.shape[1])
+    B = B * scale
+    res = svd_of_product(B, A, method="cholesky", max_rank=200)
+    assert res.method == "cholesky"
+    _check(res, B, A, 200, 1e-5)
+
+
 def test_float64_inputs_stay_float64(gen):
     B, A = _round(gen, 300, 250, 1e-1)
     B, A = B[:, :60].double(), A[:60].double()
@@ -118,10 +129,12 @@ def test_blocked_gram_equals_the_plain_product(gen, R, blocks):
     torch.testing.assert_close(gram_matrix(Xt, blocks=blocks), X.T @ X, rtol=1e-12, atol=1e-12)
 
 
-def test_auto_takes_the_cholesky_path_on_large_cpu_modules_only(gen, monkeypatch):
+def test_auto_takes_the_cholesky_path_on_large_cpu_modules_with_small_total_rank_only(gen, monkeypatch):
     B, A = _round(gen, 800, 700, 1e-1)
     assert svd_of_product(B, A, max_rank=200).method == "qr"  # 700 < CHOLESKY_MIN_DIM
     monkeypatch.setattr(lowrank, "CHOLESKY_MIN_DIM", 700)
+    assert svd_of_product(B, A, max_rank=200).method == "qr"  # R = 484 > 0.3 * 700
+    monkeypatch.setattr(lowrank, "CHOLESKY_MAX_FRACTION", 0.7)
     res = svd_of_product(B, A, max_rank=200)
     assert res.method == "cholesky"
     _check(res, B, A, 200, 1e-5)

@@ -102,8 +102,9 @@ def svd_of_product(
     A : Tensor, shape (R, in)
     method : {"auto", "cholesky", "gram", "qr", "dense", "randomized"}, default "auto"
         "auto" picks "dense" when ``R > dense_threshold * min(out, in)``; otherwise "cholesky"
-        on CPU for modules with ``min(out, in) >= CHOLESKY_MIN_DIM`` (where it is measured
-        faster), and "qr" for smaller modules and on other devices.
+        on CPU for modules with ``min(out, in) >= CHOLESKY_MIN_DIM`` and
+        ``R <= CHOLESKY_MAX_FRACTION * min(out, in)`` (where it is measured faster), and "qr"
+        for the rest and on other devices.
         "cholesky", "gram", "qr" and "dense" are exact; "cholesky" and "gram" fall back to "qr"
         (Householder) when their checks fail, and the result's ``method`` says which one produced
         it. "cholesky" (:func:`_svd_cholesky`) is accurate to about 5e-7 of ``||B A||`` where it
@@ -136,7 +137,7 @@ def svd_of_product(
     if method == "auto":
         if R > dense_threshold * min(out_f, in_f):
             method = "dense"
-        elif B.device.type == "cpu" and min(out_f, in_f) >= CHOLESKY_MIN_DIM:
+        elif B.device.type == "cpu" and min(out_f, in_f) >= CHOLESKY_MIN_DIM and R <= CHOLESKY_MAX_FRACTION * min(out_f, in_f):
             method = "cholesky"
         else:  # smaller modules, and CUDA/MPS (where the Cholesky path is unmeasured), keep Householder
             method = "qr"
@@ -282,6 +283,11 @@ cores, random factors, top 200 kept (docs/BENCHMARKS.md): against Householder th
 0.7x as fast at 1024 x 1024, where its float64 ``R x R`` eigendecomposition outweighs the
 factorisations it saves."""
 
+CHOLESKY_MAX_FRACTION = 0.3
+"""Largest ``R / min(out, in)`` for which "auto" takes the Cholesky path: its float64 ``R x R``
+eigendecomposition grows as ``R^3`` while the factorisations it saves grow as ``(out + in) R^2``.
+Measured at 4096 x 4096: 1.22x at R = 722 (0.18), 1.02x at R = 1500 (0.37), 0.85x at R = 2396."""
+
 CHOLESKY_MAX_COND = 1e3
 """Largest condition estimate of the stacked ``B`` (ratio of the extreme diagonal entries of its
 Gram's Cholesky factor) the Cholesky path accepts. Its float32 Grams carry a relative error of
@@ -316,14 +322,22 @@ def gram_matrix(X: torch.Tensor, *, blocks: int | None = None) -> torch.Tensor:
 
 
 def _cholesky_factor(G: torch.Tensor) -> torch.Tensor | None:
-    """Lower Cholesky factor of a float64 Gram, or None when it fails or is too ill-conditioned."""
-    L, info = torch.linalg.cholesky_ex(G)
+    """Lower Cholesky factor of a float64 Gram, or None when it fails or is too ill-conditioned.
+
+    The condition is judged after scaling the columns to unit norm (``G = D Gs D``): the client
+    weights and alpha/r factors scale whole columns by up to a few hundred, which costs the
+    Cholesky QR no accuracy (van der Sluis) but would fail an unscaled test.
+    """
+    d = G.diagonal().sqrt()
+    if not bool(torch.isfinite(d).all()) or float(d.min()) <= 0.0:
+        return None  # a zero column: the stack is rank-deficient
+    Ls, info = torch.linalg.cholesky_ex(G / d[:, None] / d[None, :])
     if int(info) != 0:
         return None
-    d = L.diagonal()
-    if not bool(torch.isfinite(d).all()) or float(d.min()) * CHOLESKY_MAX_COND < float(d.max()):
+    ds = Ls.diagonal()
+    if not bool(torch.isfinite(ds).all()) or float(ds.min()) * CHOLESKY_MAX_COND < float(ds.max()):
         return None
-    return L
+    return d[:, None] * Ls
 
 
 def _svd_cholesky(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD | None:
