@@ -10,12 +10,14 @@ QR factorisations and one ``R x R`` SVD:
 This costs ``O((out + in) R^2 + R^3)`` instead of ``O(out * in * min(out, in))`` for a dense SVD.
 When ``R`` approaches ``min(out, in)`` the dense path (one GEMM, one SVD) is cheaper and is used.
 
-An opt-in exact path ("gram", :func:`_svd_gram`) does the same from the two float64 Gram
-matrices, by matrix products and small eigen/SVD decompositions; its result is about ten times
-more accurate than the float32 Householder path, and when its own checks fail it falls back to
-Householder QR ("qr"). It is not the default: measured on 2 CPU cores at 4096 x 4096 with 10
-clients (R = 722, top 200 kept) it takes 0.46 s against 0.37 s for "qr", most of it in the
-float64 decompositions of the R x R matrices (docs/BENCHMARKS.md).
+Two opt-in exact paths do the same from the float64 Gram matrices, by matrix products and small
+decompositions, and are about ten times more accurate than the float32 Householder path:
+"cholesky" (:func:`_svd_cholesky`: one Cholesky and one R x R eigendecomposition; about as fast
+as "qr" on CPU) and "gram" (:func:`_svd_gram`: eigen square roots of both Grams; slower, but it
+needs no fallback on nearly collinear stacks). When their checks fail they fall back to
+Householder QR. Neither is the default: on these CPUs LAPACK's Householder QR of a 4096 x 722
+matrix runs as fast as a float64 Gram of it, so no Gram path was measured faster by a margin
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -101,14 +103,12 @@ def svd_of_product(
     B : Tensor, shape (out, R)
     A : Tensor, shape (R, in)
     method : {"auto", "cholesky", "gram", "qr", "dense", "randomized"}, default "auto"
-        "auto" picks "dense" when ``R > dense_threshold * min(out, in)``; otherwise "cholesky"
-        on CPU for modules with ``min(out, in) >= CHOLESKY_MIN_DIM`` and
-        ``R <= CHOLESKY_MAX_FRACTION * min(out, in)`` (where it is measured faster), and "qr"
-        for the rest and on other devices.
+        "auto" picks "qr" when ``R <= dense_threshold * min(out, in)`` and "dense" otherwise.
         "cholesky", "gram", "qr" and "dense" are exact; "cholesky" and "gram" fall back to "qr"
         (Householder) when their checks fail, and the result's ``method`` says which one produced
-        it. "cholesky" (:func:`_svd_cholesky`) is accurate to about 5e-7 of ``||B A||`` where it
-        runs and gives way on nearly collinear stacks (condition above ``CHOLESKY_MAX_COND``). "gram" is accurate
+        it. "cholesky" (:func:`_svd_cholesky`) is accurate to about 3e-7 of ``||B A||`` where it
+        runs, about as fast as "qr" on CPU, and gives way on nearly collinear stacks (condition
+        above ``CHOLESKY_MAX_COND``). "gram" is accurate
         to about 1e-7 of ``||B A||`` also for float64 inputs (singular values below 1e-7 of the
         largest count as zero). "randomized" is approximate (see
         ``randomized_svd_of_product``) and is only used when asked for; it needs ``max_rank``.
@@ -137,9 +137,7 @@ def svd_of_product(
     if method == "auto":
         if R > dense_threshold * min(out_f, in_f):
             method = "dense"
-        elif B.device.type == "cpu" and min(out_f, in_f) >= CHOLESKY_MIN_DIM and R <= CHOLESKY_MAX_FRACTION * min(out_f, in_f):
-            method = "cholesky"
-        else:  # smaller modules, and CUDA/MPS (where the Cholesky path is unmeasured), keep Householder
+        else:
             method = "qr"
     if method in ("cholesky", "gram", "qr") and R > min(out_f, in_f):
         raise ValueError(f"method={method!r} needs R <= min(out, in), got R={R} for {out_f} x {in_f}; use 'dense'")
@@ -276,24 +274,12 @@ def _svd_gram(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD | None:
     return LowRankSVD(U.to(out_dtype), S.to(out_dtype), V.to(out_dtype), "gram")
 
 
-CHOLESKY_MIN_DIM = 3072
-"""Smallest ``min(out, in)`` for which "auto" takes the Cholesky path (on CPU). Measured on 2 CPU
-cores, random factors, top 200 kept (docs/BENCHMARKS.md): against Householder thin QR it is
-1.22x faster at 4096 x 4096 and 1.34x at 8192 x 8192 with R = 722, even at 2048 x 2048, and
-0.7x as fast at 1024 x 1024, where its float64 ``R x R`` eigendecomposition outweighs the
-factorisations it saves."""
-
-CHOLESKY_MAX_FRACTION = 0.3
-"""Largest ``R / min(out, in)`` for which "auto" takes the Cholesky path: its float64 ``R x R``
-eigendecomposition grows as ``R^3`` while the factorisations it saves grow as ``(out + in) R^2``.
-Measured at 4096 x 4096: 1.22x at R = 722 (0.18), 1.02x at R = 1500 (0.37), 0.85x at R = 2396."""
-
 CHOLESKY_MAX_COND = 1e3
-"""Largest condition estimate of the stacked ``B`` (ratio of the extreme diagonal entries of its
-Gram's Cholesky factor) the Cholesky path accepts. Its float32 Grams carry a relative error of
-about ``u * cond^2`` (``u = 6e-8``), so beyond 1e3 the orthonormality the path has to restore is
-lost; such rounds (clients that barely moved from the same distributed factors) go to
-Householder QR."""
+"""Largest condition estimate of the stacked ``B`` (ratio of the extreme diagonal entries of the
+Cholesky factor of its column-equilibrated Gram) the Cholesky path accepts. Its float32 back
+projection ``U = B (L^-T W)`` loses about ``u * cond`` (``u = 6e-8``) of orthonormality and
+accuracy, so beyond 1e3 such rounds (clients that barely moved from the same distributed
+factors) go to Householder QR."""
 
 CHOLESKY_ORTHO_TOL = 0.1
 """Largest ``|U^T U - I|`` entry (before the Cholesky-QR pass) the Cholesky path accepts; one
@@ -306,7 +292,7 @@ def gram_matrix(X: torch.Tensor, *, blocks: int | None = None) -> torch.Tensor:
 
     torch has no SYRK; computing the block rows ``X[:, a:b]^T X[:, a:]`` of the upper triangle and
     mirroring them skips the lower blocks. Three blocks measured fastest on 2 CPU cores
-    (4096 x 722 float32: 0.046 s against 0.090 s for ``X.T @ X``).
+    (4096 x 722 float32: 0.046 s against 0.090 s for ``X.T @ X``; float64 about twice both).
     """
     R = X.shape[1]
     nb = blocks if blocks is not None else max(1, min(3, R // 128))
@@ -341,15 +327,20 @@ def _cholesky_factor(G: torch.Tensor) -> torch.Tensor | None:
 
 
 def _svd_cholesky(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD | None:
-    """Exact thin SVD of ``B @ A`` by matrix products: Grams in the input dtype, small work in float64.
+    """Exact thin SVD of ``B @ A`` by matrix products: float64 Grams, Cholesky, one R x R eigh.
 
     With ``Gb = B^T B = L L^T`` (Cholesky), ``Qb = B L^-T`` is orthonormal and
     ``B A = Qb M`` with ``M = L^T A`` (``R x in``). The left singular vectors of ``M`` are the
     eigenvectors ``W`` of ``K = M M^T = L^T (A A^T) L`` (``R x R``, float64), with eigenvalues
     ``s^2``; so ``U = B (L^-T W)`` and ``V = A^T (L W) / s``. Both are large-by-small products
-    (GEMM), where Householder QR spends its time in panel factorisations. One Cholesky-QR pass on
-    the thin ``U`` and ``V`` and an SVD of their ``k x k`` core restore orthonormality lost to
-    the float32 Grams.
+    (GEMM). One Cholesky-QR pass on the thin float32 ``U`` and ``V`` and an SVD of their
+    ``k x k`` core restore the orthonormality lost in the back projections.
+
+    The Grams are formed in float64 (blocked, :func:`gram_matrix`). Formed in float32 the path
+    was 1.25-1.44x faster than Householder QR at 4096-wide modules, but on a real SmolLM2 round
+    (clients that started from the same distributed factors, so the stacked ``A`` is nearly
+    collinear) it missed the best rank-16 approximation by up to 4.7e-5: the float32 rounding
+    of ``A A^T`` enters ``K``, whose eigenvalues are the squared singular values.
 
     The Gram of ``B`` is first formed from its top ``1.25 R`` rows: adding rows never lowers its
     smallest eigenvalue, so if that part is already too ill-conditioned the path gives up having
@@ -358,20 +349,18 @@ def _svd_cholesky(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD | N
     Returns None when a check fails.
     """
     out_f, R = B.shape
-    # float64 for the R x R work: in float32 the eigenvectors of K lose the small singular values
-    # (errors of 1e-3 measured on spectra decaying over three decades).
     work = torch.float64
     head = min(out_f, R + R // 4 + 8)
-    Gb = gram_matrix(B[:head]).to(work)
+    Gb = gram_matrix(B[:head].to(work))
     L = _cholesky_factor(Gb)
     if L is None:
         return None
     if head < out_f:
-        Gb += gram_matrix(B[head:]).to(work)
+        Gb += gram_matrix(B[head:].to(work))
         L = _cholesky_factor(Gb)
         if L is None:
             return None
-    K = L.T @ gram_matrix(A.T).to(work) @ L
+    K = L.T @ gram_matrix(A.T.to(work)) @ L
     w, W = torch.linalg.eigh(K)
     w, W = w.flip(0), W.flip(1)  # descending
     if not bool(torch.isfinite(w).all()) or float(w[0]) <= 0:
