@@ -89,6 +89,8 @@ class FlexLoRAStrategy(Strategy):
         self._run_config = to_toml(federation.cfg)
         self._sent: dict[int, ClientTask] = {}  # node id -> the task sent to it this round
         self._down: dict[int, int] = {}
+        self._msgs: dict[int, Message] = {}  # node id -> the train message sent to it this round
+        self._node_of_msg: dict[str, int] | None = None  # message id -> node id, this round
         self._unplaced: list[ClientTask] = []  # tasks of this round whose client has no node
         self.last_record: dict[str, Any] | None = None
         kill = os.environ.get("FLEXLORA_SERVER_KILL_AT")  # test hook: SIGKILL after round R's replies
@@ -182,6 +184,7 @@ class FlexLoRAStrategy(Strategy):
     def messages_for(self, server_round: int, tasks: Sequence[ClientTask], grid: Grid) -> list[Message]:
         """One ``train`` Message per task whose client has a node."""
         msgs, self._sent, self._down, self._msgs = [], {}, {}, {}
+        self._node_of_msg = None  # built at the first reply, once the push has given the messages ids
         self._tasks = list(tasks)
         self._node_of_task: dict[int, int] = {}
         self._unplaced = [t for t in tasks if t.client not in self.node_of]
@@ -221,8 +224,9 @@ class FlexLoRAStrategy(Strategy):
         round's or a second reply from the same node (in ``got``)."""
         # Match by the message a reply answers, not by its sender: when a node dies, the SuperLink
         # itself answers for it (an error reply from the SuperLink's own node id).
-        node_of_msg = {m.metadata.message_id: n for n, m in self._msgs.items() if m.metadata.message_id}
-        node = node_of_msg.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id)
+        if self._node_of_msg is None:  # message ids exist once the round's messages are pushed
+            self._node_of_msg = {m.metadata.message_id: n for n, m in self._msgs.items() if m.metadata.message_id}
+        node = self._node_of_msg.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id)
         task = self._sent.get(node)
         if task is None or node in got:
             self.log(f"warning: round {server_round}: reply from node {rep.metadata.src_node_id} to no message "
