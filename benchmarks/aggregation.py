@@ -22,7 +22,7 @@ probability one.
 
 Usage::
 
-    python benchmarks/aggregation.py            # all six cases, best of 3 (about 12 minutes on 2 cores)
+    python benchmarks/aggregation.py            # all six cases, best of 3 (20-35 minutes on 2 cores; the dense references dominate)
     python benchmarks/aggregation.py --quick    # 1024-sized modules, about a minute
 """
 
