@@ -145,7 +145,8 @@ def test_serverapp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp_path:
 
     import torch as _torch
 
-    sets = [*TINY, "rounds=3", "eval.every=0", "eval.baseline=false", "eval.per_type=false"]
+    # Two rounds suffice: the ServerApp is killed during round 2, after round 1's checkpoint.
+    sets = [*TINY, "rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false"]
     local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
     local.run()
     out, port = tmp_path / "killed", 19590
