@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.long]  # a real training run; CI lea
 
 def test_cholesky_and_qr_paths_hold_1e5_on_a_real_smollm2_round(tmp_path: Path) -> None:
     from flexlora.core.aggregators.base import scaled_stack
-    from flexlora.core.types import client_weights
     from flexlora.core.lowrank import relative_error, svd_of_product
+    from flexlora.core.types import client_weights
     from flexlora.engines.config import load_config
     from flexlora.engines.simulation import Simulation
 
