@@ -225,6 +225,20 @@ def _orthonormalise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     return Q, L.T
 
 
+def _complete_zero_directions(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad the ``nz`` nonzero triplets of a Gram path to ``k`` with zero singular values: any
+    orthonormal completion of ``U`` and ``V`` is an SVD (seeded, so results are reproducible)."""
+    nz = U.shape[1]
+    if nz >= k:
+        return U, S, V
+    seed = stable_seed("gram-completion", U.shape[0], V.shape[0], k)
+    U = torch.cat([U, orthonormal_padding(U, k - nz, seed)], dim=1)
+    V = torch.cat([V, orthonormal_padding(V, k - nz, seed + 1)], dim=1)
+    return U, torch.cat([S, S.new_zeros(k - nz)]), V
+
+
 def _svd_gram(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD | None:
     """Exact thin SVD of ``B @ A`` from the two ``R x R`` Gram matrices: matrix products on the
     large factors, decompositions only of ``R x R`` and ``k x k`` matrices.
@@ -266,11 +280,7 @@ def _svd_gram(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD | None:
     eye = torch.eye(nz, dtype=U.dtype, device=U.device)
     if max(float((U.T @ U - eye).abs().max()), float((V.T @ V - eye).abs().max())) > GRAM_ORTHO_TOL:
         return None
-    if nz < k:  # numerically zero singular values: any orthonormal completion is an SVD
-        seed = stable_seed("gram-completion", B.shape[0], A.shape[1], k)
-        U = torch.cat([U, orthonormal_padding(U, k - nz, seed)], dim=1)
-        V = torch.cat([V, orthonormal_padding(V, k - nz, seed + 1)], dim=1)
-        S = torch.cat([S, S.new_zeros(k - nz)])
+    U, S, V = _complete_zero_directions(U, S, V, k)
     return LowRankSVD(U.to(out_dtype), S.to(out_dtype), V.to(out_dtype), "gram")
 
 
@@ -383,11 +393,7 @@ def _svd_cholesky(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD | N
     p, S, qh = torch.linalg.svd((Lu.T * s) @ Lv)
     U = U @ torch.linalg.solve_triangular(Lu.T, p, upper=True).to(B.dtype)
     V = V @ torch.linalg.solve_triangular(Lv.T, qh.T, upper=True).to(A.dtype)
-    if nz < k:  # numerically zero singular values: any orthonormal completion is an SVD
-        seed = stable_seed("gram-completion", out_f, A.shape[1], k)
-        U = torch.cat([U, orthonormal_padding(U, k - nz, seed)], dim=1)
-        V = torch.cat([V, orthonormal_padding(V, k - nz, seed + 1)], dim=1)
-        S = torch.cat([S, S.new_zeros(k - nz)])
+    U, S, V = _complete_zero_directions(U, S, V, k)
     return LowRankSVD(U, S.to(B.dtype), V, "cholesky")
 
 
