@@ -33,9 +33,10 @@ test: $(VENV)/.dev
 test-slow: $(VENV)/.dev
 	$(PY) -m pytest -q -m slow
 
-# The slow tests CI runs: all but the `long` ones, whose path `make demo` covers.
+# The slow tests CI runs: all but the `long` ones, whose path `make demo` covers. Two workers:
+# the Flower deployments mostly wait on processes and heartbeats, and each uses its own ports.
 test-slow-ci: $(VENV)/.dev
-	$(PY) -m pytest -q -m "slow and not long"
+	$(PY) -m pytest -n 2 --dist worksteal -q -m "slow and not long" --durations=15
 
 bench: $(VENV)/.base
 	$(PY) benchmarks/aggregation.py

@@ -44,7 +44,8 @@ for nc in "${NODES[@]}"; do
   i=$((i + 1))
 done
 echo "${PIDS[@]}" > "$LOGS/pids"  # superlink, then one per SuperNode in order (for fault-injection tests)
-sleep 3
+wait_for_port "$BASE"
+sleep 2  # the SuperNodes register on their own (they retry); this only gives them a head start
 RUNCFG=(--run-config "output='$OUT'")
 for e in "${EXTRA[@]}"; do RUNCFG+=(--run-config "$e"); done
 timeout "$TIMEOUT" "$BIN/flwr" run . loopback "${RUNCFG[@]}" --stream 2>&1 | tee "$LOGS/flwr-run.log" || true

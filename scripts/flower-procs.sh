@@ -14,3 +14,12 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
+# Wait (at most $2 s, default 90) until something listens on 127.0.0.1:$1: a fixed sleep races a
+# SuperLink that starts slowly on a busy machine, and `flwr` commands do not retry a refused connection.
+wait_for_port() {
+  local deadline=$((SECONDS + ${2:-90}))
+  until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+    (( SECONDS < deadline )) || { echo "nothing listens on 127.0.0.1:$1 after ${2:-90} s" >&2; return 1; }
+    sleep 0.5
+  done
+}

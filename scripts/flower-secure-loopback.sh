@@ -44,7 +44,7 @@ TOML
   --ssl-certfile "$KEYS/server.pem" --ssl-keyfile "$KEYS/server.key" --enable-supernode-auth \
   > "$LOGS/superlink.log" 2>&1 &
 PIDS+=($!)
-sleep 3
+wait_for_port "$BASE"
 "$BIN/flwr" supernode register "$KEYS/registered.pub" secure > "$LOGS/register.log" 2>&1
 "$BIN/flower-supernode" --superlink "127.0.0.1:$BASE" --root-certificates "$KEYS/ca.crt" \
   --auth-supernode-private-key "$KEYS/registered" --host 127.0.0.1 --port "$((BASE + 1))" \

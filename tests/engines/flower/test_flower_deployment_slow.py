@@ -57,7 +57,54 @@ def _quoted(sets: list[str]) -> list[str]:
     return [s if not s.startswith("model=") else f"model='{s.split('=', 1)[1]}'" for s in sets]
 
 
+def test_serverapp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
+    import time
+
+    import torch as _torch
+
+    """The ServerApp process is SIGKILLed during round 2 and the run resumed from round 1's
+    checkpoint on the same SuperLink and SuperNodes: the adapter and the metrics (evaluation
+    included) equal those of an uninterrupted in-process run. This is also CI's proof that a
+    deployment gives the in-process engine's numbers (the plain parity test below is `long`)."""
+    # Two rounds suffice: the ServerApp is killed during round 2, after round 1's checkpoint.
+    sets = [*TINY, "rounds=2"]
+    local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
+    local.run()
+    out, port = tmp_path / "killed", 19590
+    set_value = ";".join(s.replace('"', '\\"') for s in _quoted(sets))
+    cmd = ["bash", str(ROOT / "scripts" / "flower-loopback.sh"), str(out), *[f"partition-id={i}" for i in range(4)],
+           "--", f'set="{set_value}"']
+    env = {**os.environ, "PY": str(Path(os.sys.executable)), "FLEXLORA_BASE_PORT": str(port), "TIMEOUT": "300",
+           "RESUME_ON_FAILURE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # SIGKILL the SuperLink's ServerApp process once round 1 is checkpointed (round 2 is running).
+        ckpt, deadline, killed = out / "checkpoints" / "latest.pt", time.monotonic() + 300, False
+        while time.monotonic() < deadline and not killed:
+            if ckpt.is_file() and _torch.load(ckpt, weights_only=True)["round"] >= 1:
+                ps = subprocess.run(["pgrep", "-f", f"flwr-serverapp .*127.0.0.1:{port}"], capture_output=True,
+                                    text=True)
+                for pid in ps.stdout.split():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed = True
+            time.sleep(0.3)
+        assert killed, "the ServerApp was never seen running round 2"
+        stdout, _ = proc.communicate(timeout=600)
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        raise
+    assert proc.returncode == 0, stdout[-4000:]
+    assert "resuming it from its checkpoint" in stdout
+    a, b = _adapter(local.run_dir), _adapter(out)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert deterministic_view(_metrics(local.run_dir)) == deterministic_view(_metrics(out))
+
+
+@pytest.mark.long
 def test_loopback_deployment_matches_the_in_process_engine(tmp_path: Path) -> None:
+    """An uninterrupted deployment gives the in-process engine's adapter and metrics (CI leaves it
+    out: the ServerApp-kill test above proves the same with a kill and a resume in between)."""
     sets = [*TINY, "rounds=2"]
     local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
     local.run()
@@ -68,6 +115,39 @@ def test_loopback_deployment_matches_the_in_process_engine(tmp_path: Path) -> No
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert max(float(t.abs().max()) for t in a.values()) > 0
     assert deterministic_view(_metrics(local.run_dir)) == deterministic_view(_metrics(out))
+
+
+def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
+    """Over Flower's TLS (a CA and server certificate made for this test) with SuperNode
+    authentication on: the registered node trains, the unregistered one is refused, and a
+    plaintext client cannot talk to the SuperLink."""
+    out = tmp_path / "secure"
+    sets = ["model='builtin:tiny-llama'", "rounds=1", "num_clients=2", "clients_per_round=2", "local_steps=2",
+            "data_options.max_per_task=4", "eval.max_tasks=1", "eval.max_examples_per_task=2",
+            "eval.max_new_tokens=4", "eval.per_type=false", "flower.wait_for_nodes=15"]
+    set_value = ";".join(s.replace('"', '\\"') for s in sets)
+    cmd = ["bash", str(ROOT / "scripts" / "flower-secure-loopback.sh"), str(out), "--", f'set="{set_value}"']
+    env = {**os.environ, "PY": str(Path(os.sys.executable)), "FLEXLORA_BASE_PORT": "19490", "TIMEOUT": "240"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        stdout, _ = proc.communicate(timeout=330)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=30)
+        pytest.fail(f"the secure deployment did not finish in time:\n{stdout[-3000:]}")
+    assert proc.returncode == 0, stdout[-4000:]
+    logs = Path(f"{out}.logs")
+    assert "--insecure" not in (ROOT / "scripts" / "flower-secure-loopback.sh").read_text()
+    nodes = json.loads((logs / "supernodes.json").read_text())["nodes"]
+    assert len(nodes) == 1 and nodes[0]["status"] == "online"  # only the registered node joined
+    intruder = (logs / "supernode-intruder.log").read_text()
+    assert "Failed to activate SuperNode" in intruder or "Exit Code: 305" in intruder, intruder[-2000:]
+    plaintext = (logs / "plaintext.log").read_text()
+    assert not plaintext.rstrip().endswith("exit 0"), plaintext
+    rec = _metrics(out)[-1]
+    assert [d["client"] for d in rec["dropped"]] == ["client00001"]  # the intruder's partition
+    assert "client00000" in rec["bytes"] and rec["bytes"]["client00000"]["up"] > 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_killed_and_slow_nodes_are_dropped_and_the_run_continues(tmp_path: Path) -> None:
@@ -105,79 +185,6 @@ def test_killed_and_slow_nodes_are_dropped_and_the_run_continues(tmp_path: Path)
     assert "no reply within 90s" in dropped[f"client{slow:05d}"]
     assert "dropped from this round" in res.stdout
     assert sum(g["clients"] for g in rec["groups"].values()) == 1
-
-
-def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
-    """Over Flower's TLS (a CA and server certificate made for this test) with SuperNode
-    authentication on: the registered node trains, the unregistered one is refused, and a
-    plaintext client cannot talk to the SuperLink."""
-    out = tmp_path / "secure"
-    sets = ["model='builtin:tiny-llama'", "rounds=1", "num_clients=2", "clients_per_round=2", "local_steps=2",
-            "data_options.max_per_task=4", "eval.max_tasks=1", "eval.max_examples_per_task=2",
-            "eval.max_new_tokens=4", "eval.per_type=false", "flower.wait_for_nodes=15"]
-    set_value = ";".join(s.replace('"', '\\"') for s in sets)
-    cmd = ["bash", str(ROOT / "scripts" / "flower-secure-loopback.sh"), str(out), "--", f'set="{set_value}"']
-    env = {**os.environ, "PY": str(Path(os.sys.executable)), "FLEXLORA_BASE_PORT": "19490", "TIMEOUT": "240"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        stdout, _ = proc.communicate(timeout=330)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        stdout, _ = proc.communicate(timeout=30)
-        pytest.fail(f"the secure deployment did not finish in time:\n{stdout[-3000:]}")
-    assert proc.returncode == 0, stdout[-4000:]
-    logs = Path(f"{out}.logs")
-    assert "--insecure" not in (ROOT / "scripts" / "flower-secure-loopback.sh").read_text()
-    nodes = json.loads((logs / "supernodes.json").read_text())["nodes"]
-    assert len(nodes) == 1 and nodes[0]["status"] == "online"  # only the registered node joined
-    intruder = (logs / "supernode-intruder.log").read_text()
-    assert "Failed to activate SuperNode" in intruder or "Exit Code: 305" in intruder, intruder[-2000:]
-    plaintext = (logs / "plaintext.log").read_text()
-    assert not plaintext.rstrip().endswith("exit 0"), plaintext
-    rec = _metrics(out)[-1]
-    assert [d["client"] for d in rec["dropped"]] == ["client00001"]  # the intruder's partition
-    assert "client00000" in rec["bytes"] and rec["bytes"]["client00000"]["up"] > 0
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def test_serverapp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
-    import time
-
-    import torch as _torch
-
-    # Two rounds suffice: the ServerApp is killed during round 2, after round 1's checkpoint.
-    sets = [*TINY, "rounds=2", "eval.every=0", "eval.baseline=false", "eval.per_type=false"]
-    local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
-    local.run()
-    out, port = tmp_path / "killed", 19590
-    set_value = ";".join(s.replace('"', '\\"') for s in _quoted(sets))
-    cmd = ["bash", str(ROOT / "scripts" / "flower-loopback.sh"), str(out), *[f"partition-id={i}" for i in range(4)],
-           "--", f'set="{set_value}"']
-    env = {**os.environ, "PY": str(Path(os.sys.executable)), "FLEXLORA_BASE_PORT": str(port), "TIMEOUT": "300",
-           "RESUME_ON_FAILURE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        # SIGKILL the SuperLink's ServerApp process once round 1 is checkpointed (round 2 is running).
-        ckpt, deadline, killed = out / "checkpoints" / "latest.pt", time.monotonic() + 300, False
-        while time.monotonic() < deadline and not killed:
-            if ckpt.is_file() and _torch.load(ckpt, weights_only=True)["round"] >= 1:
-                ps = subprocess.run(["pgrep", "-f", f"flwr-serverapp .*127.0.0.1:{port}"], capture_output=True,
-                                    text=True)
-                for pid in ps.stdout.split():
-                    os.kill(int(pid), signal.SIGKILL)
-                    killed = True
-            time.sleep(0.3)
-        assert killed, "the ServerApp was never seen running round 2"
-        stdout, _ = proc.communicate(timeout=600)
-    except BaseException:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        raise
-    assert proc.returncode == 0, stdout[-4000:]
-    assert "resuming it from its checkpoint" in stdout
-    a, b = _adapter(local.run_dir), _adapter(out)
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
-    assert deterministic_view(_metrics(local.run_dir)) == deterministic_view(_metrics(out))
 
 
 def test_bad_reply_rejected_and_min_clients_enforced_on_loopback(tmp_path: Path) -> None:
