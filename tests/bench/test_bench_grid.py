@@ -39,8 +39,14 @@ def test_quick_rows_and_seeds():
     seeds = {}
     for r in rows:
         seeds.setdefault((r.method, r.distribution), []).append(r.seed)
-    for key in (("FedIT", "homo"), ("FlexLoRA+FedIT", "uniform"), ("FlexLoRA+FedIT", "heavy-tail-light")):
+    for key in (("FedIT", "homo"), ("FlexLoRA+FedIT", "uniform"), ("FlexLoRA+FedIT", "heavy-tail-light"),
+                ("FlexLoRA+FedIT server-memory", "heavy-tail-light"),
+                ("FlexLoRA+FedIT rank-partitioned", "heavy-tail-light")):
         assert seeds[key] == [0, 1, 2]
+    assert seeds[("FlexLoRA+FedIT server-memory", "uniform")] == [0]
+    # 26 method/distribution pairs (3 homo, 4 x 3 combinations, 2 x 4 for HetLoRA, FLoRA, rsLoRA and the
+    # two remedies, FedIT rich), 5 of them with three seeds, and the base row: 21 + 15 + 1.
+    assert len(rows) == 21 + 5 * 3 + 1
     assert seeds[("FlexLoRA+FedIT", "normal")] == [0]
     assert {d for (m, d) in seeds if m == "FlexLoRA+FedAvg"} == {"uniform", "heavy-tail-light",
                                                                   "heavy-tail-strong", "normal"}
