@@ -7,7 +7,7 @@
   global update of rank 200 (singular values decaying over three decades) and moved by that
   relative amount, as in real rounds, where the stacked factors are nearly collinear.
 
-For each, "qr" (Householder thin QR), "cholesky" (float32 Grams, Cholesky, float64 R x R work;
+For each, "qr" (Householder thin QR), "cholesky" (float64 Grams, Cholesky, float64 R x R work;
 it gives way to "qr" when its checks fail) and "gram" (float64 Grams, eigen square roots) are
 timed best of 3, interleaved, in this run; the error is against the float64 best rank-200
 approximation, relative in Frobenius norm.

@@ -85,6 +85,30 @@ def test_other_aggregators_run(tmp_path: Path, extra: tuple[str, ...]) -> None:
     assert (sim.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_batched_module_svds_give_the_unbatched_run_to_float32_rounding(tmp_path: Path, monkeypatch) -> None:
+    """``aggregator_options.batch_modules = true`` reaches the aggregator through the config and
+    changes the run only by float32 rounding (the same adapter, the same losses to 1e-5)."""
+    from safetensors.torch import load_file
+
+    from flexlora.core import lowrank
+
+    batched = []
+    real = lowrank._qr_triplets
+    monkeypatch.setattr(lowrank, "_qr_triplets",
+                        lambda B, A, k: (B.ndim == 3 and batched.append(B.shape[0])) or real(B, A, k))
+    common = ("rounds=2", "eval.every=0", "eval.baseline=false")
+    on = _run(tmp_path, "on", *common, "aggregator_options.batch_modules=true")
+    off = _run(tmp_path, "off", *common)
+    assert on.aggregator.batch_modules is True and off.aggregator.batch_modules is None
+    assert batched and max(batched) > 1  # the "on" run did batch its modules
+    a = load_file(str(on.run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(off.run_dir / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5 * float(b[k].abs().max())), k
+    assert on.records[-1]["train_loss"] == pytest.approx(off.records[-1]["train_loss"], rel=1e-5)
+
+
 def test_flora_clients_start_fresh_on_the_merged_global(tmp_path: Path) -> None:
     sim = _run(tmp_path, "f", "rounds=2", "aggregator=flora", "eval.every=0", "eval.baseline=false")
     # After the run the base weights are bit-identical to a freshly loaded base.

@@ -162,33 +162,130 @@ def svd_of_product(
 
 
 def _apply_q(h: torch.Tensor, tau: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``Q_thin @ x`` for the Householder QR ``(h, tau)`` of an ``m x n`` matrix and ``x: n x k``.
+    """``Q_thin @ x`` for the Householder QR ``(h, tau)`` of an ``m x n`` matrix and ``x: n x k``
+    (or a batch of them: ``(..., m, n)`` and ``(..., n, k)``).
 
     Applying the reflectors to the ``k`` wanted columns costs ``O(m n k)``; forming ``Q``
     explicitly would cost ``O(m n^2)`` and is the dominant term when only a few ranks are kept.
     """
-    m, n = h.shape
-    padded = torch.zeros(m, x.shape[1], dtype=h.dtype, device=h.device)
-    padded[:n] = x
+    m, n = h.shape[-2:]
+    padded = torch.zeros(*h.shape[:-2], m, x.shape[-1], dtype=h.dtype, device=h.device)
+    padded[..., :n, :] = x
     return torch.ormqr(h, tau, padded)
 
 
-def _svd_qr(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD:
+def _qr_triplets(B: torch.Tensor, A: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, V)`` of the thin-QR path for ``B @ A``, or for a batch ``(..., out, R) @ (..., R, in)``."""
     # Requires R <= min(out, in), which the "auto" crossover guarantees.
-    R = B.shape[1]
+    R = B.shape[-1]
     # LAPACK works on column-major matrices: A.T of a row-major Ac is already column-major, and
     # scaled_stack builds Bc column-major, so neither factorisation copies its input first.
     hb, tau_b = torch.geqrf(B)  # Bc = Qb Rb
-    ha, tau_a = torch.geqrf(A.T)  # Ac^T = Qa Ra
-    rb = torch.triu(hb[:R])
-    ra = torch.triu(ha[:R])
+    ha, tau_a = torch.geqrf(A.mT)  # Ac^T = Qa Ra
+    rb = torch.triu(hb[..., :R, :])
+    ra = torch.triu(ha[..., :R, :])
     small = _core_dtype(B, R)
-    core = rb.to(small) @ ra.to(small).T
+    core = rb.to(small) @ ra.to(small).mT
     um, s, vmh = torch.linalg.svd(core, full_matrices=False)
     dtype = B.dtype
-    U = _apply_q(hb, tau_b, um[:, :keep].to(dtype))
-    V = _apply_q(ha, tau_a, vmh[:keep].T.to(dtype))
-    return LowRankSVD(U, s[:keep].to(dtype), V, "qr")
+    U = _apply_q(hb, tau_b, um[..., :keep].to(dtype))
+    V = _apply_q(ha, tau_a, vmh[..., :keep, :].mT.to(dtype))
+    return U, s[..., :keep].to(dtype), V
+
+
+def _svd_qr(B: torch.Tensor, A: torch.Tensor, keep: int) -> LowRankSVD:
+    U, S, V = _qr_triplets(B, A, keep)
+    return LowRankSVD(U, S, V, "qr")
+
+
+BATCH_MAX_BYTES = 256 * 2**20
+"""Largest input of one batched call; a bigger group is split, so batching never holds more
+than this in extra copies."""
+
+
+def batches_well(
+    B: torch.Tensor, A: torch.Tensor, *, method: SVDMethod = "auto", dense_threshold: float = 0.85,
+    batch: bool | None = None,
+) -> bool:
+    """Whether :func:`svd_of_products` batches ``B @ A`` with the other products of its shape.
+
+    Only the thin-QR path is batched (as "auto" or "qr" picks it for this ``R``), on CPU or CUDA.
+    ``batch=None`` batches on CUDA, where one call per small module leaves the device idle;
+    True batches on CPU too, False never. On CPU it pays only for narrow stacks and costs above
+    them (benchmarks/batched_modules.py; docs/BENCHMARKS.md), so None leaves CPU rounds unbatched.
+    """
+    if batch is False or B.device.type not in ("cpu", "cuda"):
+        return False
+    out_f, R = B.shape
+    small_side = min(out_f, A.shape[1])
+    if method == "auto":
+        qr = R <= dense_threshold * small_side
+    else:
+        qr = method == "qr" and R <= small_side
+    if not qr:
+        return False
+    return bool(batch) or B.device.type == "cuda"
+
+
+def svd_of_products(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    batch: bool | None = None,
+    method: SVDMethod = "auto",
+    dense_threshold: float = 0.85,
+    max_rank: int | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> list[LowRankSVD]:
+    """:func:`svd_of_product` of every ``(B, A)`` in ``pairs``, in order, batching products of one shape.
+
+    Products that :func:`batches_well` (same ``out``, ``R``, ``in``, dtype and device) go through
+    one batched thin-QR call per group (at most ``BATCH_MAX_BYTES`` of input per call); the rest,
+    and groups of one, through :func:`svd_of_product`. A batched result equals the per-product
+    one to float32 rounding, not bit for bit (BLAS kernels differ with the alignment of a matrix
+    inside the batch); the same pairs in the same order always give the same bits.
+
+    Parameters
+    ----------
+    pairs : list of (Tensor, Tensor)
+        ``(B, A)`` with ``B: out x R`` and ``A: R x in``.
+    batch : bool or None, default None
+        See :func:`batches_well`.
+    method, dense_threshold, max_rank, oversample, power_iters, generator
+        As in :func:`svd_of_product`.
+
+    Returns
+    -------
+    list of LowRankSVD
+        One per pair, each with its own storage (no view into a batch, so saving one saves only it).
+    """
+    single = dict(method=method, dense_threshold=dense_threshold, max_rank=max_rank, oversample=oversample,
+                  power_iters=power_iters, generator=generator)
+    results: list[LowRankSVD | None] = [None] * len(pairs)
+    groups: dict[tuple, list[int]] = {}
+    for i, (B, A) in enumerate(pairs):
+        if B.ndim == 2 and A.ndim == 2 and B.shape[1] == A.shape[0] and batches_well(
+                B, A, method=method, dense_threshold=dense_threshold, batch=batch):
+            key = (B.shape[0], B.shape[1], A.shape[1], compute_dtype(B.dtype, B.device), B.device)
+            groups.setdefault(key, []).append(i)
+        else:
+            results[i] = svd_of_product(B, A, **single)
+    for (out_f, R, in_f, dtype, _), idx in groups.items():
+        if len(idx) == 1:
+            results[idx[0]] = svd_of_product(*pairs[idx[0]], **single)
+            continue
+        full = min(out_f, in_f, R)
+        keep = full if max_rank is None else min(max_rank, full)
+        per_pair = (out_f + in_f) * R * torch.empty((), dtype=dtype).element_size()
+        step = max(1, BATCH_MAX_BYTES // per_pair)
+        for start in range(0, len(idx), step):
+            part = idx[start : start + step]
+            U, S, V = _qr_triplets(torch.stack([pairs[i][0].to(dtype) for i in part]),
+                                   torch.stack([pairs[i][1].to(dtype) for i in part]), keep)
+            for j, i in enumerate(part):
+                results[i] = LowRankSVD(U[j].clone(), S[j].clone(), V[j].clone(), "qr")
+    return results  # type: ignore[return-value]
 
 
 GRAM_ZERO = 1e-7

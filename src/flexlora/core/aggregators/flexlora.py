@@ -44,7 +44,7 @@ from flexlora.core.aggregators.base import (
     RoundAccumulator,
     scaled_stack,
 )
-from flexlora.core.lowrank import LowRankSum, LowRankSVD, svd_of_dense, svd_of_product
+from flexlora.core.lowrank import LowRankSum, LowRankSVD, batches_well, svd_of_dense, svd_of_product, svd_of_products
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
@@ -99,6 +99,13 @@ class FlexLoRA(Aggregator):
         Streaming aggregation (:meth:`begin_round`): the width of a module's running stack of
         factors that triggers its exact compression (:class:`~flexlora.core.lowrank.LowRankSum`);
         None is ``min(out, in)``, past which the running sum is kept dense.
+    batch_modules : bool or None, default None
+        Run the thin-QR SVDs of modules of one shape as one batched call
+        (:func:`flexlora.core.lowrank.svd_of_products`). None batches on CUDA only, where one call
+        per small module leaves the device idle; on CPU batching pays only for narrow stacks
+        (docs/BENCHMARKS.md), so None leaves CPU rounds as they were. The modules to batch are
+        held until the end of the aggregation. Batched results equal unbatched ones to float32
+        rounding (not bit for bit); a run is reproducible either way.
     """
 
     name = "flexlora"
@@ -116,6 +123,7 @@ class FlexLoRA(Aggregator):
         seed: int = 0,
         remedy: str = "none",
         stream_bound: int | None = None,
+        batch_modules: bool | None = None,
     ) -> None:
         super().__init__(split=split, check_finite=check_finite, seed=seed)
         if remedy not in REMEDIES:
@@ -143,6 +151,9 @@ class FlexLoRA(Aggregator):
                                          or stream_bound < 1):
             raise AggregationError(f"stream_bound must be a positive int or None, got {stream_bound!r}")
         self.stream_bound = stream_bound
+        if batch_modules is not None and not isinstance(batch_modules, bool):
+            raise AggregationError(f"batch_modules must be true, false or absent (auto), got {batch_modules!r}")
+        self.batch_modules = batch_modules
 
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
         """One SVD per module of ``sum_k p_k s_k B_k A_k``.
@@ -157,18 +168,19 @@ class FlexLoRA(Aggregator):
         if self.svd_method == "randomized":
             device = next(iter(updates[0].factors.values()))[0].device
             generator = torch.Generator(device=device).manual_seed(self.seed + (previous.round if previous else 0))
-        modules: dict[str, ModuleState] = {}
-        for name, shape in shapes.items():
+        svds = _ModuleSVDs(self, generator)
+        for name in shapes:
             if self.remedy == "rank-partitioned":
                 Bc, Ac = partitioned_stack(updates, name, weights)
             else:
                 Bc, Ac = scaled_stack(updates, name, weights)
             if self.remedy == "server-memory" and previous is not None:
                 Bc, Ac = _with_memory(Bc, Ac, [u.rank(name) for u in updates], name, weights, previous)
-            modules[name] = ModuleState(shape=shape, svd=self._svd(Bc, Ac, generator))
+            svds.add(name, Bc, Ac)
+        done = svds.finish()
         return GlobalState(
             aggregator=self.name,
-            modules=modules,
+            modules={name: ModuleState(shape=shape, svd=done[name]) for name, shape in shapes.items()},
             round=(previous.round + 1) if previous is not None else 1,
         )
 
@@ -261,7 +273,7 @@ class _FlexLoRAAccumulator(RoundAccumulator):
             device = next(iter(self.sums.values()))[0].device
             generator = torch.Generator(device=device).manual_seed(
                 agg.seed + (self.previous.round if self.previous else 0))
-        modules: dict[str, ModuleState] = {}
+        svds = _ModuleSVDs(agg, generator)
         assert self.shapes is not None
         for m, shape in self.shapes.items():
             bs, as_, dense = [], [], None
@@ -288,13 +300,42 @@ class _FlexLoRAAccumulator(RoundAccumulator):
             if dense is not None:
                 for b, a in zip(bs, as_):
                     dense.addmm_(b.to(dense.dtype), a.to(dense.dtype))
-                svd = svd_of_dense(dense, max_rank=agg.max_rank)
+                svds.done[m] = svd_of_dense(dense, max_rank=agg.max_rank)
             else:
                 Bc = torch.cat([b.T for b in bs], dim=0).T if len(bs) > 1 else bs[0]
                 Ac = torch.cat(as_, dim=0) if len(as_) > 1 else as_[0]
-                svd = agg._svd(Bc, Ac, generator)
-            modules[m] = ModuleState(shape=shape, svd=svd)
+                svds.add(m, Bc, Ac)
+        done = svds.finish()
+        modules = {m: ModuleState(shape=shape, svd=done[m]) for m, shape in self.shapes.items()}
         return GlobalState(aggregator=agg.name, modules=modules, round=self._next_round())
+
+
+class _ModuleSVDs:
+    """The SVDs of a round's modules: those that batch well are held and batched at :meth:`finish`,
+    the others run at once (so only the held stacks outlive their module's turn)."""
+
+    def __init__(self, aggregator: FlexLoRA, generator: torch.Generator | None) -> None:
+        self.agg = aggregator
+        self.generator = generator
+        self.done: dict[str, LowRankSVD] = {}
+        self.held: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, name: str, Bc: torch.Tensor, Ac: torch.Tensor) -> None:
+        agg = self.agg
+        if batches_well(Bc, Ac, method=agg.svd_method, dense_threshold=agg.dense_threshold,  # type: ignore[arg-type]
+                        batch=agg.batch_modules):
+            self.held[name] = (Bc, Ac)
+        else:
+            self.done[name] = agg._svd(Bc, Ac, self.generator)
+
+    def finish(self) -> dict[str, LowRankSVD]:
+        agg = self.agg
+        results = svd_of_products(list(self.held.values()), batch=agg.batch_modules,
+                                  method=agg.svd_method,  # type: ignore[arg-type]
+                                  dense_threshold=agg.dense_threshold, max_rank=agg.max_rank)
+        self.done.update(zip(self.held, results))
+        self.held = {}
+        return self.done
 
 
 def partitioned_stack(
