@@ -58,14 +58,14 @@ def _quoted(sets: list[str]) -> list[str]:
 
 
 def test_serverapp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
-    import time
-
-    import torch as _torch
-
     """The ServerApp process is SIGKILLed during round 2 and the run resumed from round 1's
     checkpoint on the same SuperLink and SuperNodes: the adapter and the metrics (evaluation
     included) equal those of an uninterrupted in-process run. This is also CI's proof that a
     deployment gives the in-process engine's numbers (the plain parity test below is `long`)."""
+    import time
+
+    import torch as _torch
+
     # Two rounds suffice: the ServerApp is killed during round 2, after round 1's checkpoint.
     sets = [*TINY, "rounds=2"]
     local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
