@@ -85,6 +85,11 @@ def _core_dtype(B: torch.Tensor, R: int) -> torch.dtype:
     return torch.float64
 
 
+def _auto_method(out_f: int, R: int, in_f: int, dense_threshold: float) -> SVDMethod:
+    """What "auto" picks for an ``out x R`` by ``R x in`` product: thin QR until ``R`` nears ``min(out, in)``."""
+    return "dense" if R > dense_threshold * min(out_f, in_f) else "qr"
+
+
 def svd_of_product(
     B: torch.Tensor,
     A: torch.Tensor,
@@ -135,10 +140,7 @@ def svd_of_product(
     B = B.to(dtype)
     A = A.to(dtype)
     if method == "auto":
-        if R > dense_threshold * min(out_f, in_f):
-            method = "dense"
-        else:
-            method = "qr"
+        method = _auto_method(out_f, R, in_f, dense_threshold)
     if method in ("cholesky", "gram", "qr") and R > min(out_f, in_f):
         raise ValueError(f"method={method!r} needs R <= min(out, in), got R={R} for {out_f} x {in_f}; use 'dense'")
     if method in ("cholesky", "gram"):
@@ -218,12 +220,9 @@ def batches_well(
     if batch is False or B.device.type not in ("cpu", "cuda"):
         return False
     out_f, R = B.shape
-    small_side = min(out_f, A.shape[1])
     if method == "auto":
-        qr = R <= dense_threshold * small_side
-    else:
-        qr = method == "qr" and R <= small_side
-    if not qr:
+        method = _auto_method(out_f, R, A.shape[1], dense_threshold)
+    if method != "qr" or R > min(out_f, A.shape[1]):
         return False
     return bool(batch) or B.device.type == "cuda"
 
