@@ -623,6 +623,10 @@ class Federation:
                                seed=stable_seed("client", self.cfg.seed, rnd, k),
                                sparse=SparseTask(self.slora_counts(k), self.cfg.seed, self.slora_change))
                     for k in sampled]
+        # Clients without a global adapter to start from (round 1; every FLoRA round) all start
+        # from the round's one fresh adapter, so that averaging factors averages training, not
+        # independent random initialisations (flexlora.core.initial).
+        init_seed = stable_seed("init", self.cfg.seed, rnd)
         tasks = []
         for k in sampled:
             spec = self.client_spec(k)
@@ -630,7 +634,8 @@ class Federation:
             if self.state is not None and not self.is_flora:
                 init = self.aggregator.distribute(self.state, spec.ranks, spec.alpha, rslora=spec.rslora)
             tasks.append(ClientTask(round=rnd, client=k, spec=spec, init=init, base_delta=base_delta,
-                                    seed=stable_seed("client", self.cfg.seed, rnd, k), hetlora=hetlora))
+                                    seed=stable_seed("client", self.cfg.seed, rnd, k), hetlora=hetlora,
+                                    init_seed=init_seed if init is None else None))
         return tasks
 
     # ---------------------------------------------------------------- SLoRA

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from flexlora.core.aggregators.hetlora import rank_pruning_penalty
+from flexlora.core.initial import fresh_factors
 from flexlora.core.sparse import SparseUpdate
 from flexlora.core.types import ClientUpdate, Factors, lora_scaling
 from flexlora.data.examples import Example
@@ -69,6 +70,7 @@ def train_client(
     hetlora: tuple[float, float] | None = None,
     dropout: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
+    init_seed: int | None = None,
 ) -> tuple[ClientUpdate, LocalTrainResult]:
     """Train one client at its own ranks and return its update.
 
@@ -81,11 +83,13 @@ def train_client(
     examples : sequence of Example
         The client's local training data; ``len(examples)`` is its ``num_examples``.
     init_factors : mapping module -> (A, B) or None
-        The global adapter distributed to this client's ranks; None keeps PEFT's initialisation
-        (random ``A``, zero ``B``), seeded by ``seed``.
+        The global adapter distributed to this client's ranks. None starts from a fresh adapter:
+        the round's shared one of ``init_seed`` (:func:`flexlora.core.initial.fresh_factors`), or,
+        without ``init_seed``, PEFT's own initialisation seeded by ``seed`` (a standalone client).
     train_cfg : LocalTrainConfig
     seed : int
-        Seeds the adapter initialisation, the batch order and dropout.
+        Seeds the batch order and dropout (and PEFT's initialisation when neither
+        ``init_factors`` nor ``init_seed`` is given).
     encoding : EncodingOptions, optional
     hetlora : (strength, gamma) or None
         Adds HetLoRA's rank self-pruning regulariser to the loss.
@@ -93,6 +97,9 @@ def train_client(
         LoRA dropout.
     on_step : callable(step, loss), optional
         Progress callback.
+    init_seed : int, optional
+        The seed of the fresh adapter that every client of the round shares (ignored when
+        ``init_factors`` is given).
     """
     if not examples:
         raise ValueError(f"client {spec.client_id!r} has no training examples")
@@ -104,6 +111,13 @@ def train_client(
         def regularizer(model: torch.nn.Module) -> torch.Tensor:
             return rank_pruning_penalty(live_factors(model), gamma=gamma, strength=strength)
 
+    if init_factors is None and init_seed is not None:
+        modules = dict(base_model.named_modules())
+        unknown = sorted(m for m in spec.ranks if m not in modules)
+        if unknown:
+            raise ValueError(f"client {spec.client_id!r}: the base model has no modules {unknown[:3]}")
+        shapes = {m: tuple(modules[m].weight.shape) for m in spec.ranks}
+        init_factors = fresh_factors(shapes, spec.ranks, init_seed)  # type: ignore[arg-type]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with client_adapter(base_model, spec.ranks, spec.alpha, init_factors, dropout=dropout,
@@ -133,9 +147,10 @@ class ClientTask:
     spec : ClientSpec
         Its id, per-module ranks, alpha and type name.
     init : mapping module -> (A, B) or None
-        The global adapter distributed to the client's ranks; None in round 1 (fresh LoRA).
+        The global adapter distributed to the client's ranks; None when the client starts from a
+        fresh adapter (round 1, and every FLoRA round).
     seed : int
-        Seeds the client's adapter initialisation, batch order and dropout.
+        Seeds the client's batch order and dropout.
     base_delta : mapping module -> (A, B) or None
         FLoRA only: the exact global update as factors of rank ``R``, with effective update
         ``(spec.alpha / R) B @ A`` (``spec.alpha / sqrt(R)`` with ``spec.rslora``), merged into the base weights while the client trains a fresh LoRA.
@@ -143,6 +158,9 @@ class ClientTask:
         HetLoRA's rank self-pruning regulariser.
     sparse : SparseTask or None
         SLoRA's stage 1: train a sparse change on the client's mask instead of LoRA factors.
+    init_seed : int or None
+        With ``init`` None: the seed of the fresh adapter that every client of the round shares
+        (:func:`flexlora.core.initial.fresh_factors`); the client draws it, nothing is sent.
     """
 
     round: int
@@ -153,6 +171,7 @@ class ClientTask:
     base_delta: Mapping[str, Factors] | None = None
     hetlora: tuple[float, float] | None = None
     sparse: SparseTask | None = None
+    init_seed: int | None = None
 
 
 @contextlib.contextmanager
@@ -218,7 +237,7 @@ def run_client_task(
     with merged_into_base(base_model, task.base_delta, task.spec.alpha, rslora=task.spec.rslora):
         return train_client(
             base_model, tokenizer, task.spec, examples, task.init, train_cfg, seed=task.seed,
-            encoding=encoding, hetlora=task.hetlora, dropout=dropout, on_step=on_step,
+            encoding=encoding, hetlora=task.hetlora, dropout=dropout, on_step=on_step, init_seed=task.init_seed,
         )
 
 

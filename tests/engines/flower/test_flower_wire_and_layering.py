@@ -61,10 +61,24 @@ def test_task_and_reply_round_trip() -> None:
     assert (got.round, got.client, got.seed, got.hetlora, got.spec) == (4, 3, 123, (1e-3, 0.99), spec)
     assert toml == "rounds = 4\n" and dtype == "float32" and got.base_delta is None
     assert torch.equal(got.init["layers.0.up_proj"][1], _factors()["layers.0.up_proj"][1])
+    assert got.init_seed is None
     upd = ClientUpdate(_factors(1), num_examples=11, alpha=16.0, client_id="client00003")
     u, loss, steps, up = decode_reply(reply_content(upd, 1.25, 7))
     assert (u.num_examples, u.alpha, u.client_id, loss, steps, up) == (11, 16.0, "client00003", 1.25, 7,
                                                                         factor_bytes(upd.factors))
+
+
+def test_a_fresh_task_carries_its_round_init_seed_and_no_factors() -> None:
+    spec = ClientSpec("client00001", {"layers.0.q_proj": 3}, 16.0, "type1")
+    task = ClientTask(round=1, client=1, spec=spec, init=None, seed=5, init_seed=2**31 - 1)
+    content = task_content(task, "")
+    assert not content.array_records  # the shared initial adapter is drawn by the node, not sent
+    assert content_task(content)[0].init_seed == 2**31 - 1
+    content.config_records["task"]["init-seed"] = -7
+    with pytest.raises(WireError, match="init-seed"):
+        content_task(content)
+    del content.config_records["task"]["init-seed"]  # a server from before the option
+    assert content_task(content)[0].init_seed is None
 
 
 @pytest.mark.parametrize("mutate,match", [

@@ -96,6 +96,8 @@ def task_content(task: ClientTask, run_config_toml: str, wire_dtype: str = "floa
         "alpha": float(task.spec.alpha),
         "rslora": bool(task.spec.rslora),
         "seed": int(task.seed),
+        # -1: no shared fresh adapter (ConfigRecord has no null).
+        "init-seed": int(task.init_seed) if task.init_seed is not None else -1,
         "hetlora": json.dumps(list(task.hetlora) if task.hetlora else None),
         "run-config": run_config_toml,
         "wire-dtype": wire_dtype,
@@ -122,6 +124,16 @@ def _flag(rec: ConfigRecord, key: str, where: str) -> bool:
     return bool(_get(rec, key, bool, where)) if key in rec else False
 
 
+def _init_seed(c: ConfigRecord) -> int | None:
+    # Absent (a peer from before the option) or -1: no shared fresh adapter.
+    if "init-seed" not in c:
+        return None
+    v = int(_get(c, "init-seed", int, "task"))
+    if v < -1:
+        raise WireError(f"task: 'init-seed' must be a seed >= 0 or -1 for none, got {v}")
+    return None if v == -1 else v
+
+
 def content_task(content: RecordDict) -> tuple[ClientTask, str, str]:
     """Decode a ``train`` message: ``(task, run config TOML, wire dtype)``."""
     if "task" not in content.config_records:
@@ -141,7 +153,8 @@ def content_task(content: RecordDict) -> tuple[ClientTask, str, str]:
     base = record_to_factors(content.array_records["base"]) if "base" in content.array_records else None
     task = ClientTask(round=int(_get(c, "round", int, "task")), client=int(_get(c, "client", int, "task")),
                       spec=spec, init=init, seed=int(_get(c, "seed", int, "task")), base_delta=base,
-                      hetlora=tuple(het) if het else None)  # type: ignore[arg-type]
+                      hetlora=tuple(het) if het else None,  # type: ignore[arg-type]
+                      init_seed=_init_seed(c))
     return task, _get(c, "run-config", str, "task"), _get(c, "wire-dtype", str, "task")
 
 
