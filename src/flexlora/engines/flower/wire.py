@@ -5,8 +5,9 @@ Server to node:
 - ``query.capabilities``: empty; the node answers with a ConfigRecord ``capabilities``
   (``partition-id`` and, when its node config declares one, ``client-type``, ``ranks`` or ``budget``).
 - ``train``: ConfigRecord ``task`` (round, client index and id, per-module ranks as JSON, alpha,
-  rsLoRA flag, type, seed, HetLoRA settings, the run's resolved config as TOML), ArrayRecord ``init`` (the global
-  adapter at the client's ranks; absent in round 1) and, for FLoRA, ArrayRecord ``base``.
+  rsLoRA flag, type, seed, HetLoRA settings, ``init-seed``, the run's resolved config as TOML), ArrayRecord
+  ``init`` (the global adapter at the client's ranks; absent in round 1 and in FLoRA's rounds, where the node
+  draws the round's shared fresh adapter from ``init-seed`` instead) and, for FLoRA, ArrayRecord ``base``.
 
 Node to server: ArrayRecord ``update`` (the trained factors) and MetricRecord ``metrics``
 (``num-examples``, ``train-loss``, ``steps``). Arrays travel as float32 (exact) or float16; bf16 is
