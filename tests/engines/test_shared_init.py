@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from engine_common import TINY
 
@@ -27,12 +28,19 @@ def _sim(tmp_path: Path, name: str, *extra: str) -> Simulation:
                       log=lambda m: None)
 
 
-def test_fedit_round_one_aggregate_is_the_shared_initial_adapter(tmp_path: Path) -> None:
-    sim = _sim(tmp_path, "fedit", "rounds=1", "aggregator=fedavg", "rank_distribution=homo")
+@pytest.fixture(scope="module")
+def fedit(tmp_path_factory) -> tuple[Simulation, list]:
+    """One round of FedIT (homogeneous rank 4, AdamW) and the tasks of its round 1."""
+    sim = _sim(tmp_path_factory.mktemp("fedit"), "run", "rounds=1", "aggregator=fedavg", "rank_distribution=homo")
     tasks = sim.plan_round(1)
+    sim.run()
+    return sim, tasks
+
+
+def test_fedit_round_one_aggregate_is_the_shared_initial_adapter(fedit) -> None:
+    sim, tasks = fedit
     assert len(tasks) == 3 and all(t.init is None for t in tasks)
     assert len({t.init_seed for t in tasks}) == 1 and tasks[0].init_seed is not None
-    sim.run()
     for m, st in sim.state.modules.items():
         expected = initial_A(st.shape, st.A.shape[0], tasks[0].init_seed, m)
         # The size-weighted average of identical A is that A (to the rounding of the weights);
@@ -61,10 +69,8 @@ def test_round_one_clients_of_different_ranks_start_from_nested_adapters(tmp_pat
         assert torch.equal(a[:r], a_large[:r]), m
 
 
-def test_later_rounds_start_from_the_global_or_a_new_shared_fresh_adapter(tmp_path: Path) -> None:
-    fedit = _sim(tmp_path, "fedit", "rounds=1", "aggregator=fedavg", "rank_distribution=homo")
-    fedit.run()
-    assert all(t.init is not None and t.init_seed is None for t in fedit.plan_round(2))
+def test_later_rounds_start_from_the_global_or_a_new_shared_fresh_adapter(fedit, tmp_path: Path) -> None:
+    assert all(t.init is not None and t.init_seed is None for t in fedit[0].plan_round(2))
     flora = _sim(tmp_path, "flora", "rounds=1", "aggregator=flora")
     first = flora.plan_round(1)[0].init_seed
     flora.run()
