@@ -152,7 +152,7 @@ def bytes_summary(records: Sequence[dict[str, Any]], direction: str) -> dict[str
     dict
         ``per_round``: {round: mean over the round's clients}; ``per_type``: {type: mean over every
         (client, round) of that type}; ``mean``: mean over every (client, round). Round 1 sends no
-        factors down (clients start from a fresh LoRA), which the means include.
+        factors down (clients draw the round's shared fresh LoRA from a seed), which the means include.
     """
     per_round: dict[str, float] = {}
     per_type: dict[str, list[float]] = {}

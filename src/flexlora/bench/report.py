@@ -106,7 +106,7 @@ def render_markdown(results: Sequence[dict[str, Any]]) -> str:
         f"({len(results)} rows). Each cell is the final Rouge-L of the global model on the unseen tasks "
         "(zero-shot), as mean ± sample standard deviation (number of seeds); a single seed shows no "
         "spread. Bytes are factor bytes per client per round (round 1 sends nothing down: clients start "
-        "from a fresh LoRA); aggregation time is the server's mean per round.",
+        "from the round's shared fresh LoRA, drawn from a seed); aggregation time is the server's mean per round.",
     ]
     for ds in datasets:
         keys = _sorted_groups(groups, ds)
