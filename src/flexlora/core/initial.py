@@ -29,7 +29,7 @@ __all__ = ["fresh_factors", "initial_A"]
 
 
 def initial_A(shape: tuple[int, int], rank: int, seed: int, module: str) -> torch.Tensor:
-    """Rows ``0 .. rank-1`` of module ``module``'s initial ``A`` for the run seed ``seed``.
+    """Rows ``0 .. rank-1`` of module ``module``'s initial ``A`` for the initialisation seed ``seed``.
 
     Parameters
     ----------
