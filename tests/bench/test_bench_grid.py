@@ -89,12 +89,17 @@ def test_every_row_of_the_real_presets_has_a_valid_config(preset):
     (["--preset", "nope"], "unknown preset; choose one of smoke, quick, paper"),
     (["--preset", "smoke", "--data", "ni=/no/such/dir"], "/no/such/dir does not exist"),
     (["--preset", "smoke", "--data", "mnist"], "unknown data set 'mnist'"),
-    (["--preset", "paper"], "needs the model: add --set model="),
+    # An existing data path (the default one, ../shared/data, may be absent on a fresh machine).
+    (["--preset", "paper", "--data", "ni={tmp}"], "needs the model: add --set model="),
     (["--preset", "smoke", "--only", "no-such-row"], "matches no row of preset smoke"),
     (["--preset", "smoke", "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
 ])
 def test_bad_requests_are_clear_errors(tmp_path, capsys, args, message):
     out = tmp_path / "out"
+    if any("{tmp}" in a for a in args):  # a directory with the Natural Instructions layout
+        for sub in ("tasks", "splits"):
+            (tmp_path / "ni" / sub).mkdir(parents=True)
+    args = [a.replace("{tmp}", str(tmp_path / "ni")) for a in args]
     assert main(["bench", "quality", *args, "--output", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing is written for a bad request
