@@ -20,6 +20,7 @@ from flexlora.core.sparse import SparseUpdate
 from flexlora.core.types import ClientUpdate, Factors, lora_scaling
 from flexlora.data.examples import Example
 from flexlora.data.templates import encode_example
+from flexlora.training.adapter import _check_ranks as check_ranks
 from flexlora.training.adapter import client_adapter, get_factors, live_factors
 from flexlora.training.local import LocalTrainConfig, LocalTrainResult, train_local
 from flexlora.training.sparse import SparseTask, train_sparse_client
@@ -112,12 +113,8 @@ def train_client(
             return rank_pruning_penalty(live_factors(model), gamma=gamma, strength=strength)
 
     if init_factors is None and init_seed is not None:
-        modules = dict(base_model.named_modules())
-        unknown = sorted(m for m in spec.ranks if m not in modules)
-        if unknown:
-            raise ValueError(f"client {spec.client_id!r}: the base model has no modules {unknown[:3]}")
-        shapes = {m: tuple(modules[m].weight.shape) for m in spec.ranks}
-        init_factors = fresh_factors(shapes, spec.ranks, init_seed)  # type: ignore[arg-type]
+        # The adapter's own rank check gives the shapes (and names a module the base lacks).
+        init_factors = fresh_factors(check_ranks(base_model, spec.ranks), spec.ranks, init_seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with client_adapter(base_model, spec.ranks, spec.alpha, init_factors, dropout=dropout,
