@@ -21,6 +21,7 @@ from flexlora.training.adapter import (
     client_adapter,
     detach_adapter,
     get_factors,
+    linear_shapes,
     live_factors,
     rank_pattern_key,
     set_factors,
@@ -383,4 +384,32 @@ def test_thirty_attach_train_detach_cycles_do_not_grow(tiny, helpers):
         assert sum(p.numel() for p in model.parameters()) == n_params
         assert len(list(model.parameters())) + len(list(model.buffers())) == n_tensors
     assert counts[1] <= counts[0], f"live tensors grew from {counts[0]} to {counts[1]} over 20 cycles"
+    _assert_same(before, _snapshot(model))
+
+
+def test_linear_shapes_reads_out_and_in_and_names_bad_modules(tiny_model):
+    q = tiny_model.get_submodule("model.layers.0.self_attn.q_proj")
+    up = tiny_model.get_submodule("model.layers.1.mlp.up_proj")
+    shapes = linear_shapes(tiny_model, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"])
+    assert shapes == {"model.layers.0.self_attn.q_proj": tuple(q.weight.shape),
+                      "model.layers.1.mlp.up_proj": tuple(up.weight.shape)}
+    with pytest.raises(ValueError, match="layers.7.*no module"):
+        linear_shapes(tiny_model, ["model.layers.7.mlp.up_proj"])
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        linear_shapes(tiny_model, ["model.layers.0.input_layernorm"])
+
+
+def test_a_sparse_task_naming_a_missing_module_is_a_clear_error(tiny):
+    from flexlora.data.examples import Example
+    from flexlora.training.client import ClientSpec, ClientTask, run_client_task
+    from flexlora.training.sparse import SparseTask
+
+    model, tok = tiny
+    before = _snapshot(model)
+    spec = ClientSpec("c0", {"model.layers.0.self_attn.q_proj": 2}, 16.0, "t")
+    task = ClientTask(round=1, client=0, spec=spec, init=None, seed=0,
+                      sparse=SparseTask(counts={"model.layers.9.self_attn.q_proj": 4}, seed=0))
+    ex = [Example(id="e0", instruction="Say hi.", input="", output="hi", task="t")]
+    with pytest.raises(ValueError, match="layers.9.*no module"):
+        run_client_task(model, tok, task, ex, LocalTrainConfig(local_steps=1))
     _assert_same(before, _snapshot(model))

@@ -38,9 +38,11 @@ from flexlora.core.types import Factors, lora_scaling
 
 __all__ = [
     "attach_adapter",
+    "check_ranks",
     "client_adapter",
     "detach_adapter",
     "get_factors",
+    "linear_shapes",
     "live_factors",
     "rank_pattern_key",
     "set_factors",
@@ -89,17 +91,40 @@ def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _check_ranks(base_model: nn.Module, ranks: Mapping[str, int]) -> dict[str, tuple[int, int]]:
-    if not ranks:
-        raise ValueError("ranks is empty: give a LoRA rank for at least one module")
+def linear_shapes(base_model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of each named ``nn.Linear`` of ``base_model``.
+
+    Raises
+    ------
+    ValueError
+        A name the model does not have, or a module that is not an ``nn.Linear``.
+    """
     modules = dict(base_model.named_modules())
     shapes: dict[str, tuple[int, int]] = {}
-    for name, r in ranks.items():
+    for name in names:
         if name not in modules:
             raise ValueError(f"module {name!r}: the base model has no module of that name")
         dims = _linear_dims(modules[name])
         if dims is None:
             raise ValueError(f"module {name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
+        shapes[name] = dims
+    return shapes
+
+
+def check_ranks(base_model: nn.Module, ranks: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """Check a client's per-module ranks against ``base_model``; return each module's ``(out, in)``.
+
+    Raises
+    ------
+    ValueError
+        No ranks, a module missing or not an ``nn.Linear``, or a rank that is not a positive int
+        of at most ``min(out, in)``.
+    """
+    if not ranks:
+        raise ValueError("ranks is empty: give a LoRA rank for at least one module")
+    shapes = linear_shapes(base_model, ranks)
+    for name, r in ranks.items():
+        dims = shapes[name]
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"module {name!r}: rank must be a positive int, got {r!r}")
         if r > min(dims):
@@ -107,7 +132,6 @@ def _check_ranks(base_model: nn.Module, ranks: Mapping[str, int]) -> dict[str, t
                 f"module {name!r}: rank {r} exceeds min(out, in) = {min(dims)} of its {dims[0]} x {dims[1]} "
                 "weight; cap the rank (flexlora.core.distributions.cap_ranks)"
             )
-        shapes[name] = dims
     return shapes
 
 
@@ -195,7 +219,7 @@ def attach_adapter(
             "the base model already carries a peft adapter; detach the previous client's adapter "
             "(detach_adapter / client_adapter) before attaching a new one"
         )
-    shapes = _check_ranks(base_model, ranks)
+    shapes = check_ranks(base_model, ranks)
     ranks = {m: int(ranks[m]) for m in shapes}
     all_names = [n for n, _ in base_model.named_modules()]
     config = peft.LoraConfig(

@@ -20,7 +20,7 @@ from flexlora.core.sparse import SparseUpdate
 from flexlora.core.types import ClientUpdate, Factors, lora_scaling
 from flexlora.data.examples import Example
 from flexlora.data.templates import encode_example
-from flexlora.training.adapter import _check_ranks as check_ranks
+from flexlora.training.adapter import check_ranks, linear_shapes
 from flexlora.training.adapter import client_adapter, get_factors, live_factors
 from flexlora.training.local import LocalTrainConfig, LocalTrainResult, train_local
 from flexlora.training.sparse import SparseTask, train_sparse_client
@@ -227,7 +227,7 @@ def run_client_task(
     if task.sparse is not None:
         if not examples:
             raise ValueError(f"client {task.spec.client_id!r} has no training examples")
-        shapes = {m: tuple(dict(base_model.named_modules())[m].weight.shape) for m in task.sparse.counts}
+        shapes = linear_shapes(base_model, task.sparse.counts)
         features = encode_examples(tokenizer, examples, encoding or EncodingOptions())
         return train_sparse_client(base_model, features, examples, task.sparse, shapes, train_cfg,  # type: ignore[return-value]
                                    seed=task.seed, client_id=task.spec.client_id)
