@@ -15,6 +15,7 @@ from flexlora.core import (
     ClientUpdate,
     GlobalState,
     available_aggregators,
+    averages_factors,
     dense_update,
     get_aggregator,
 )
@@ -192,6 +193,23 @@ def test_registry():
     with pytest.raises(AggregationError, match="flexlora"):
         get_aggregator("flexlora", max_rnak=3)
     assert get_aggregator("flexlora", max_rank=3).max_rank == 3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_averages_factors_says_which_aggregators_see_the_factorisation(gen, name):
+    # Two clients send the same product B A, factored differently (A, B) and (2A, B/2). An
+    # aggregator of products returns that product; one that averages A and B separately returns
+    # mean(B, B/2) mean(A, 2A) = 1.125 B A (HetLoRA's norm weights change the factor, not that it differs).
+    a = torch.randn(3, 14, generator=gen, dtype=torch.float64)
+    b = torch.randn(9, 3, generator=gen, dtype=torch.float64)
+    ups = [ClientUpdate({MOD: (a, b)}, num_examples=4, alpha=3.0, client_id="one"),
+           ClientUpdate({MOD: (2 * a, b / 2)}, num_examples=4, alpha=3.0, client_id="two")]
+    got = dense_update(get_aggregator(name).aggregate(ups), MOD).double()
+    exact = torch.allclose(got, b @ a, rtol=1e-5, atol=1e-6)
+    assert averages_factors(name) == (not exact)
+    assert averages_factors(f" {name.upper()} ") == averages_factors(name)
+    with pytest.raises(AggregationError, match="unknown aggregator 'fedprox'"):
+        averages_factors("fedprox")
 
 
 @pytest.mark.parametrize("name", ALL)

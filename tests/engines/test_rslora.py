@@ -46,14 +46,15 @@ def test_config_key_parses_validates_and_round_trips(tmp_path: Path) -> None:
 
 def test_fingerprints_of_runs_from_before_the_new_keys_are_unchanged() -> None:
     # Golden values: `config_fingerprint(load_config(None, sets).to_dict(), ignore=("rounds", "flower"))`
-    # computed with the code of commit 821d559, before lora.rslora, data_options.*_field and eval.data
-    # existed. A checkpoint written then must still resume, so the new keys at their defaults must not count.
+    # computed with the code of commit 821d559, before lora.rslora, data_options.*_field, eval.data and
+    # lora.init existed. A checkpoint written then must still resume, so the new keys at their defaults must not count.
     assert run_fingerprint(load_config(None, [])) == "d7421dc6bfea4ec72cbea696a6096f9a42c9eaf48f0a3820210f3a7855494dad"
     sets = ["model=builtin:tiny-llama", "num_clients=4", "lora.types=[[2, 4], [4, 8]]"]
     assert run_fingerprint(load_config(None, sets)) == "01f9f5cb6c51eddd63352c1a0f4be04625c5df4dc1521738fb0229da33e74caa"
     # ...and each of them counts once it is set.
     base = run_fingerprint(load_config(None, sets))
-    for extra in ("lora.rslora=true", "data_options.task_field=category", "eval.data=x.jsonl", "eval.id_field=uid"):
+    for extra in ("lora.rslora=true", "data_options.task_field=category", "eval.data=x.jsonl", "eval.id_field=uid",
+                  "lora.init=per-client"):
         assert run_fingerprint(load_config(None, [*sets, extra])) != base, extra
 
 

@@ -78,3 +78,35 @@ def test_later_rounds_start_from_the_global_or_a_new_shared_fresh_adapter(fedit,
     # FLoRA merges the global into the base and trains a fresh adapter every round: one per round.
     assert all(t.init is None and t.base_delta is not None for t in second)
     assert len({t.init_seed for t in second}) == 1 and second[0].init_seed not in (None, first)
+
+
+def test_per_client_init_gives_each_round_one_client_its_own_start(tmp_path: Path) -> None:
+    sim = _sim(tmp_path, "flex", "rounds=1", "lora.init=per-client")
+    tasks = sim.plan_round(1)
+    assert all(t.init is None and t.init_seed is None for t in tasks)
+    got = []
+    for t in tasks[:2]:
+        update, _ = run_client_task(sim.model, sim.tokenizer, t, sim.client_examples(t.client), sim.train_cfg,
+                                    encoding=sim.encoding)
+        got.append(update.factors)
+    for m in got[0]:
+        a0, a1 = got[0][m][0], got[1][m][0]
+        r = min(a0.shape[0], a1.shape[0])
+        # Independent draws of the same law: no shared rows, unlike the shared start's nested A.
+        assert not torch.equal(a0[:r], a1[:r]), m
+        assert not torch.allclose(a0[:r], a1[:r], atol=1e-3), m
+    # Later rounds still start from the distributed global.
+    sim.run()
+    assert all(t.init is not None and t.init_seed is None for t in sim.plan_round(2))
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "fedit", "hetlora"])
+def test_per_client_init_is_refused_for_factor_averaging(aggregator: str) -> None:
+    from flexlora.engines.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lora.init.*average independent random A.*lora.init='shared'"):
+        load_config(None, [*TINY, f"aggregator={aggregator}", "lora.init=per-client"])
+    with pytest.raises(ConfigError, match="lora.init.*one of"):
+        load_config(None, [*TINY, "lora.init=random"])
+    for ok in ("flexlora", "flora", "slora"):
+        assert load_config(None, [*TINY, f"aggregator={ok}", "lora.init=per-client"]).lora.init == "per-client"

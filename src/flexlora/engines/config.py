@@ -61,6 +61,14 @@ class LoraSection:
                       "aggregation and the exported adapter (PEFT's use_rslora), so high-rank clients are not "
                       "scaled down against low-rank ones.")
     dropout: float = _f(0.0, "LoRA dropout during local training.")
+    init: str = _f("shared", "How clients start when there is no global adapter yet (round 1, and every FLoRA "
+                   "round): 'shared' = every client of the round draws the same fresh adapter from the run's "
+                   "seed (what averaging factors needs; FedIT's reference code does the same); 'per-client' = "
+                   "each client draws its own (PEFT's initialisation seeded per client), so a product "
+                   "aggregator (flexlora, flora) starts round 2 from a global spanning up to the sum of the "
+                   "clients' ranks. 'per-client' is refused for the factor-averaging aggregators (fedavg, fedit, "
+                   "hetlora); slora's stage 2 starts from its stage-1 SVD either way.",
+                   choices=("shared", "per-client"))
     targets: str = _f("all", "Adapted modules: 'all' (attention and MLP projections), 'attention' or 'mlp'.",
                       choices=("all", "attention", "mlp"))
     types: list = _f([], "Custom client types as [[attention_rank, mlp_rank], ...], smallest first; "
@@ -198,7 +206,7 @@ def _fail(key: str, msg: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check types, choices and ranges of every field; raise :class:`ConfigError` naming the key."""
     _check_types(cfg, "")
-    from flexlora.core.aggregators import available_aggregators
+    from flexlora.core.aggregators import averages_factors, available_aggregators
     from flexlora.core.distributions import available_distributions
 
     if cfg.aggregator.lower() not in (*available_aggregators(), "slora"):
@@ -238,6 +246,11 @@ def validate(cfg: RunConfig) -> None:
         _fail("train", "max_grad_norm, weight_decay and warmup_steps must be >= 0")
     if cfg.lora.alpha <= 0:
         _fail("lora.alpha", "must be > 0")
+    agg = cfg.aggregator.lower()
+    if cfg.lora.init == "per-client" and agg != "slora" and averages_factors(agg):
+        _fail("lora.init", f"'per-client' with aggregator {agg!r} would average independent random A matrices "
+              "(it averages the factors, not their products); use lora.init='shared', or an aggregator of "
+              "products (flexlora, flora)")
     if not 0 <= cfg.lora.dropout < 1:
         _fail("lora.dropout", "must be in [0, 1)")
     for i, r in enumerate(cfg.lora.types):

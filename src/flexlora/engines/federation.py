@@ -107,6 +107,7 @@ def client_types_for(cfg: RunConfig) -> list[ClientType]:
 # left out of the fingerprint, so that a run checkpointed before the key existed still resumes.
 _LATER_KEYS: dict[tuple[str, str], Any] = {
     ("lora", "rslora"): False,
+    ("lora", "init"): "shared",
     **{("data_options", k): v for k, v in JSONL_FIELD_DEFAULTS.items()},
     ("eval", "data"): "",
     ("train", "hetlora_prune"): True,
@@ -625,8 +626,9 @@ class Federation:
                     for k in sampled]
         # Clients without a global adapter to start from (round 1; every FLoRA round) all start
         # from the round's one fresh adapter, so that averaging factors averages training, not
-        # independent random initialisations (flexlora.core.initial).
-        init_seed = stable_seed("init", self.cfg.seed, rnd)
+        # independent random initialisations (flexlora.core.initial). lora.init = "per-client"
+        # (product aggregators only) leaves each client to PEFT's initialisation under its own seed.
+        init_seed = stable_seed("init", self.cfg.seed, rnd) if self.cfg.lora.init == "shared" else None
         tasks = []
         for k in sampled:
             spec = self.client_spec(k)

@@ -25,6 +25,21 @@ def available_aggregators() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def averages_factors(name: str) -> bool:
+    """Whether the aggregator called ``name`` averages the clients' factors ``A`` and ``B`` separately
+    (so every client of a round must start from the same ``A``), rather than their products.
+
+    Raises
+    ------
+    AggregationError
+        For an unknown name.
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise AggregationError(f"unknown aggregator {name!r}; choose one of {available_aggregators()}")
+    return _REGISTRY[key].averages_factors
+
+
 def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
     """Build the aggregator called ``name`` with its keyword settings.
 
@@ -53,6 +68,7 @@ __all__ = [
     "HetLoRA",
     "ModuleState",
     "available_aggregators",
+    "averages_factors",
     "dense_update",
     "get_aggregator",
     "pruned_ranks",

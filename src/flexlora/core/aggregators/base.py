@@ -134,6 +134,8 @@ class Aggregator(ABC):
     """
 
     name: str = "base"
+    # True for aggregators that average A and B separately: their clients must share one start.
+    averages_factors: bool = False
 
     def __init__(self, *, split: str = "B", check_finite: bool = True, seed: int = 0) -> None:
         if split not in ("B", "A", "sqrt"):

@@ -47,6 +47,7 @@ class FedAvg(Aggregator):
     """
 
     name = "fedavg"
+    averages_factors = True
 
     def __init__(self, *, check_finite: bool = True) -> None:
         super().__init__(check_finite=check_finite)

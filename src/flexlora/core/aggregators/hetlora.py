@@ -59,6 +59,7 @@ class HetLoRA(Aggregator):
     """
 
     name = "hetlora"
+    averages_factors = True
 
     def __init__(self, *, weighting: str = "norm", check_finite: bool = True, seed: int = 0) -> None:
         super().__init__(check_finite=check_finite, seed=seed)
