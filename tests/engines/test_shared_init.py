@@ -80,7 +80,7 @@ def test_later_rounds_start_from_the_global_or_a_new_shared_fresh_adapter(fedit,
     assert len({t.init_seed for t in second}) == 1 and second[0].init_seed not in (None, first)
 
 
-def test_per_client_init_gives_each_round_one_client_its_own_start(tmp_path: Path) -> None:
+def test_per_client_init_gives_each_client_of_a_round_its_own_start(tmp_path: Path) -> None:
     sim = _sim(tmp_path, "flex", "rounds=1", "lora.init=per-client")
     tasks = sim.plan_round(1)
     assert all(t.init is None and t.init_seed is None for t in tasks)

@@ -20,8 +20,7 @@ from flexlora.core.sparse import SparseUpdate
 from flexlora.core.types import ClientUpdate, Factors, lora_scaling
 from flexlora.data.examples import Example
 from flexlora.data.templates import encode_example
-from flexlora.training.adapter import check_ranks, linear_shapes
-from flexlora.training.adapter import client_adapter, get_factors, live_factors
+from flexlora.training.adapter import check_ranks, client_adapter, get_factors, linear_shapes, live_factors
 from flexlora.training.local import LocalTrainConfig, LocalTrainResult, train_local
 from flexlora.training.sparse import SparseTask, train_sparse_client
 

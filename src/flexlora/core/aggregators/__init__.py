@@ -25,6 +25,14 @@ def available_aggregators() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _registered(name: str) -> tuple[str, type[Aggregator]]:
+    """The registry key and class of ``name`` (case and surrounding spaces ignored)."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise AggregationError(f"unknown aggregator {name!r}; choose one of {available_aggregators()}")
+    return key, _REGISTRY[key]
+
+
 def averages_factors(name: str) -> bool:
     """Whether the aggregator called ``name`` averages the clients' factors ``A`` and ``B`` separately
     (so every client of a round must start from the same ``A``), rather than their products.
@@ -34,10 +42,7 @@ def averages_factors(name: str) -> bool:
     AggregationError
         For an unknown name.
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in _REGISTRY:
-        raise AggregationError(f"unknown aggregator {name!r}; choose one of {available_aggregators()}")
-    return _REGISTRY[key].averages_factors
+    return _registered(name)[1].averages_factors
 
 
 def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
@@ -48,10 +53,7 @@ def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
     AggregationError
         For an unknown name (the message lists the known ones) or an unknown setting.
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in _REGISTRY:
-        raise AggregationError(f"unknown aggregator {name!r}; choose one of {available_aggregators()}")
-    cls = _REGISTRY[key]
+    key, cls = _registered(name)
     try:
         return cls(**kwargs)
     except TypeError as exc:
