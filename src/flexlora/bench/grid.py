@@ -188,16 +188,13 @@ class Preset:
     estimate: str = _h("Per-run size and time estimate, for the docs.")
 
 
-# One place for the quick preset's sizes, scaled from runs of the first quick rows on this 2-core
-# machine (shared with other jobs; the README's 190 tokens/s is for short demo examples on free cores):
-# a Natural Instructions example is about 140 tokens (Alpaca prompt + answer, cutoff 256), and a round
-# of 5 clients x 8 steps x 2 examples (80 examples) took 155-240 s for FedIT (every client rank 8) and
-# 224-351 s for FlexLoRA+FedIT/uniform (rank-200 clients cost about twice as much), its FlexLoRA
-# aggregation 7-11 s; an evaluation of 48 answers (with its eval loss) took 100-185 s. So one quick run
-# trains 4 rounds x 5 clients x 4 steps x 1 example = 80 examples (about 3-4.5 min) and evaluates 24
-# answers (1 per unseen task, up to 16 new tokens; 90 % of NI references are shorter) at rounds 2 and 4
-# (about 2 x 50 s): about 5-6 min per run, about 3 h for the 36 training rows and the base row (measured
-# on 2026-12-02 with the grid alone: 141-372 s per row, so nearer 2.5 h).
+# One place for the quick preset's sizes. A Natural Instructions example is about 140 tokens (Alpaca
+# prompt + answer, cutoff 256); one run trains 4 rounds x 5 clients x 4 steps x 1 example = 80 examples
+# and evaluates 24 answers (1 per unseen task, up to 16 new tokens; 90 % of NI references are shorter)
+# at rounds 2 and 4. Measured with the grid alone on the 2-core machine: FedIT/homo 133-145 s per run,
+# rows with rank-200 clients up to about 6 min, 29 NI rows in 1 h 50 min (2026-12-02); the 37 rows
+# therefore take about 2 h 20 min. Timings taken while other jobs share the cores are several times
+# longer (torch's threads spin-wait on each other).
 QUICK_SIZES = (
     "rounds=4",
     "clients_per_round=5",
@@ -215,8 +212,9 @@ QUICK_SIZES = (
 )
 # Dolly's references are long (median 38 tokens, 90 % under 95): 64 new tokens, and more answers
 # per task since it holds out only two categories (2 x 12 = 24 answers per evaluation). Those
-# answers dominate a Dolly row's time (measured here: an evaluation 343 s, a training round 95-160 s,
-# one thread beside the NI grid), so Dolly is evaluated once, after the last round (eval.every=0).
+# answers cost more than NI's, so Dolly is evaluated once, after the last round (eval.every=0).
+# Measured with the grid alone (2026-12-06): the 37 rows in 1 h 47 min, 113-264 s per row (FedIT/homo 125-138 s, FLoRA/uniform the
+# longest), the base row 36 s.
 QUICK_DATASET_SETS = {"dolly": ("eval.max_examples_per_task=12", "eval.max_new_tokens=64", "eval.every=0")}
 
 _COMMON = ("eval.baseline=false",)  # the base model is evaluated once per data set, as its own row
@@ -255,7 +253,7 @@ _MULTI_SEED_ROWS = (("FedIT", "homo"), ("FlexLoRA+FedIT", "uniform"), ("FlexLoRA
 QUICK = Preset(
     name="quick",
     description="the paper's grid at CPU size: SmolLM2-135M-Instruct on Natural Instructions (one client per "
-                "train task), 4 rounds of 5 clients, about 5-6 minutes per run on 2 cores",
+                "train task), 4 rounds of 5 clients, about 2-6 minutes per run on 2 cores",
     datasets=("ni",),
     sets=(*_COMMON, "model=builtin:smollm2-135m-instruct", *QUICK_SIZES),
     dataset_sets=QUICK_DATASET_SETS,
@@ -271,10 +269,9 @@ QUICK = Preset(
     multi_seed_rows=_MULTI_SEED_ROWS,
     needs_model=False,
     estimate="per run on ni: 4 rounds x 5 clients x 4 steps x 1 example = 80 training examples of about 140 "
-             "tokens and two evaluations of 24 answers: about 5-6 min on this 2-core machine; the grid (36 "
-             "training rows and the base row) about 2.5-3 h. On dolly (256-token inputs, one evaluation of 24 "
-             "answers of 64 tokens) about 8-9 min per run and 5-5.5 h per grid",
-)
+             "tokens and two evaluations of 24 answers: 2-6 min alone on this 2-core machine; the grid (36 "
+             "training rows and the base row) about 2 h 20 min. On dolly (256-token inputs, one evaluation of "
+             "24 answers of 64 tokens) 2-4.5 min per run and 1 h 47 min per grid (measured alone)",
 
 PAPER = Preset(
     name="paper",

@@ -62,7 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     "See docs/BENCHMARKS.md.")
     q.add_argument("--preset", required=True, metavar="smoke|quick|paper",
                    help="smoke: every method once on builtin:tiny-llama (about a minute); quick: SmolLM2-135M on "
-                        "Natural Instructions (about 5-6 min per run, 3 h per data set on 2 cores); paper: the "
+                        "Natural Instructions (2-6 min per run, under 3 h per data set on 2 cores); paper: the "
                         "paper's protocol for a GPU (needs --set model=...)")
     q.add_argument("--data", action="append", default=[], metavar="NAME[=PATH]",
                    help="a data set to run (demo, ni, dolly), optionally at PATH; repeatable. Given, exactly these "
