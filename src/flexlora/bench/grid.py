@@ -272,6 +272,7 @@ QUICK = Preset(
              "tokens and two evaluations of 24 answers: 2-6 min alone on this 2-core machine; the grid (36 "
              "training rows and the base row) about 2 h 20 min. On dolly (256-token inputs, one evaluation of "
              "24 answers of 64 tokens) 2-4.5 min per run and 1 h 47 min per grid (measured alone)",
+)
 
 PAPER = Preset(
     name="paper",
