@@ -213,8 +213,8 @@ QUICK_SIZES = (
 # Dolly's references are long (median 38 tokens, 90 % under 95): 64 new tokens, and more answers
 # per task since it holds out only two categories (2 x 12 = 24 answers per evaluation). Those
 # answers cost more than NI's, so Dolly is evaluated once, after the last round (eval.every=0).
-# Measured with the grid alone (2026-12-06): the 37 rows in 1 h 47 min, 113-264 s per row (FedIT/homo 125-138 s, FLoRA/uniform the
-# longest), the base row 36 s.
+# Measured with the grid alone (2026-12-06): the 37 rows in 1 h 47 min, 113-264 s per row
+# (FedIT/homo 125-138 s, FLoRA/uniform the longest), the base row 36 s.
 QUICK_DATASET_SETS = {"dolly": ("eval.max_examples_per_task=12", "eval.max_new_tokens=64", "eval.every=0")}
 
 _COMMON = ("eval.baseline=false",)  # the base model is evaluated once per data set, as its own row
