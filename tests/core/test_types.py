@@ -190,8 +190,12 @@ def test_registry():
         get_aggregator("fedprox")
     for known in ALL:
         assert known in str(exc.value)
-    with pytest.raises(AggregationError, match="flexlora"):
+    with pytest.raises(AggregationError, match="aggregator 'flexlora' has no setting 'max_rnak'") as exc:
         get_aggregator("flexlora", max_rnak=3)
+    assert "max_rank" in str(exc.value).split("its settings are")[1]  # the fix is named
+    # The list is the class's own keyword settings (FedAvg has one; HetLoRA's weighting is not its).
+    with pytest.raises(AggregationError, match="has no setting 'weighting'; its settings are check_finite$"):
+        get_aggregator("fedavg", weighting="norm")
     assert get_aggregator("flexlora", max_rank=3).max_rank == 3
 
 

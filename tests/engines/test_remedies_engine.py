@@ -13,7 +13,7 @@ from engine_common import TINY, run_local, run_metrics
 from safetensors.torch import load_file
 
 from flexlora.core import AggregationError
-from flexlora.engines.config import load_config
+from flexlora.engines.config import ConfigError, load_config
 from flexlora.engines.federation import deterministic_view
 from flexlora.engines.simulation import Simulation
 
@@ -54,7 +54,13 @@ def _check_resume(tmp_path: Path, full: Simulation, opt: str) -> None:
 
 
 def test_a_remedy_for_another_aggregator_is_refused_at_set_up(tmp_path: Path) -> None:
-    cfg = load_config(None, [*TINY, *QUIET, "aggregator=hetlora", 'aggregator_options.remedy="server-memory"'])
+    sets = [*TINY, *QUIET, "aggregator=hetlora", 'aggregator_options.remedy="server-memory"']
+    # From a config: refused while the config loads, before any model or run directory.
+    with pytest.raises(ConfigError, match="aggregator 'hetlora' has no setting 'remedy'"):
+        load_config(None, sets)
+    # A RunConfig built in code skips load_config; the engine's own set-up refuses it too.
+    cfg = load_config(None, sets[:-1])
+    cfg.aggregator_options = {"remedy": "server-memory"}
     with pytest.raises(AggregationError, match="remedy"):
         Simulation(cfg, tmp_path / "bad", progress=False, log=lambda m: None)
     assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -247,6 +247,19 @@ def validate(cfg: RunConfig) -> None:
     if cfg.lora.alpha <= 0:
         _fail("lora.alpha", "must be > 0")
     agg = cfg.aggregator.lower()
+    # Build the aggregator once here, so a misspelt or out-of-range setting stops the run before
+    # the model loads and before anything is written to the run directory.
+    from flexlora.core.aggregators import get_aggregator
+    from flexlora.core.types import AggregationError
+
+    options = dict(cfg.aggregator_options)
+    name = cfg.slora.then if agg == "slora" else agg
+    if name == "flexlora":
+        options.setdefault("max_rank", 1)  # the run sets it from the largest client rank
+    try:
+        get_aggregator(name, **options)
+    except AggregationError as exc:
+        _fail("aggregator_options", str(exc))
     if cfg.lora.init == "per-client" and agg != "slora" and averages_factors(agg):
         _fail("lora.init", f"'per-client' with aggregator {agg!r} would average independent random A matrices "
               "(it averages the factors, not their products); use lora.init='shared', or an aggregator of "

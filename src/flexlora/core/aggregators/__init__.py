@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from flexlora.core.aggregators.base import Aggregator, GlobalState, ModuleState, dense_update
@@ -54,6 +55,14 @@ def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
         For an unknown name (the message lists the known ones) or an unknown setting.
     """
     key, cls = _registered(name)
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [p for p in params if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        raise AggregationError(
+            f"aggregator {key!r} has no setting {', '.join(repr(u) for u in unknown)}; its settings are "
+            f"{', '.join(accepted)}"
+        )
     try:
         return cls(**kwargs)
     except TypeError as exc:
