@@ -39,6 +39,26 @@ def test_eval_reproduces_the_runs_final_score(run_dir: Path, tmp_path: Path, cap
     assert res["eval_loss"] == pytest.approx(last["eval_loss"])
 
 
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_eval_overrides_apply_and_leave_the_run_untouched(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """``--set eval.*`` changes what is evaluated (here one example per task instead of two), while
+    the run opens with its own config: nothing in the run directory is rewritten, so the run can
+    still be resumed with its checkpoint (a rewritten config.toml would no longer match it)."""
+    before = _snapshot(run_dir)
+    out = tmp_path / "eval1.json"
+    assert main(["eval", str(run_dir), "--set", "eval.max_examples_per_task=1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["eval_examples"] == 2  # eval.max_tasks=2, one example each
+    default = tmp_path / "eval2.json"
+    assert main(["eval", str(run_dir), "--json", str(default)]) == 0
+    assert json.loads(default.read_text())["eval_examples"] == 4
+    assert main(["export", str(run_dir), "--output", str(tmp_path / "exported")]) == 0
+    assert _snapshot(run_dir) == before
+    assert "resuming" not in capsys.readouterr().err
+
+
 def test_eval_rejects_non_eval_overrides(run_dir: Path, capsys) -> None:
     assert main(["eval", str(run_dir), "--set", "rounds=3"]) == 2
     assert "eval.*" in capsys.readouterr().err

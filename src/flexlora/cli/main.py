@@ -124,8 +124,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
     if bad:
         raise ConfigError(f"flexlora eval only accepts eval.* overrides, got {bad}")
-    cfg = _resume_config(args.run_dir, args.overrides)
-    sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log)
+    # The run opens with its own config (its checkpoint's fingerprint covers eval.* too); the
+    # eval overrides then only rebuild the eval set.
+    cfg = _resume_config(args.run_dir, [])
+    sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log, read_only=True)
+    if args.overrides:
+        sim.use_eval_settings(_resume_config(args.run_dir, args.overrides).eval)
     if args.base:
         sim.state = None
     res = sim.evaluate()
@@ -141,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from flexlora.training.export import save_merged_model, save_peft_adapter
 
     cfg = _resume_config(args.run_dir, [])
-    sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log)
+    sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log, read_only=True)
     factors = sim.global_factors(args.rank)
     out = args.output or (args.run_dir / "adapter")
     save_peft_adapter(sim.model, factors, cfg.lora.alpha, out, base_model_name_or_path=cfg.model,

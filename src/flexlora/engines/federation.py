@@ -23,6 +23,7 @@ set, aggregator, checkpoints, outputs) and what the server does each round:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import resource
@@ -368,6 +369,9 @@ class Federation:
         Show progress bars.
     log : callable, default print
         Where status lines and warnings go.
+    read_only : bool, default False
+        Open a run to evaluate or export it (``flexlora eval``/``export``; needs ``resume=True``):
+        nothing in ``run_dir`` is rewritten, so eval overrides do not change the run's config.toml.
     """
 
     def __init__(
@@ -378,10 +382,14 @@ class Federation:
         resume: bool = False,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        read_only: bool = False,
     ) -> None:
+        if read_only and not resume:
+            raise ValueError("read_only=True opens an existing run; it needs resume=True")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.read_only = read_only
         self.progress = progress
         self.log = log
         self.records: list[dict[str, Any]] = []
@@ -426,7 +434,8 @@ class Federation:
             self.data, self.num_clients, cfg.data_options.partition, alpha=cfg.data_options.dirichlet_alpha,
             seed=cfg.seed,
         )
-        self.partition.save(self.run_dir / "partition.json")
+        if not self.read_only:
+            self.partition.save(self.run_dir / "partition.json")
         self._examples: dict[str, Example] = {ex.id: ex for exs in self.data.train.values() for ex in exs}
 
         groups = model_lora_targets(self.model)
@@ -459,7 +468,8 @@ class Federation:
         self.encoding = encoding_options(cfg)
         self._build_eval_set()
         self.fingerprint = run_fingerprint(cfg)
-        atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
+        if not self.read_only:
+            atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
         if self.resume:
             self._restore()
 
@@ -493,6 +503,16 @@ class Federation:
             self._type_ranks.append(client_type.module_ranks(self.shapes, self.groups))
         self.client_type[k] = self.types.index(client_type)
         self._make_aggregator()
+
+    def use_eval_settings(self, section: Any) -> None:
+        """Evaluate with other ``eval.*`` settings (``flexlora eval RUN --set eval.KEY=VALUE``).
+
+        The run's identity (its checkpoint fingerprint) stays that of its own config: eval
+        settings do not change what was trained, so the run opens first and its eval set is then
+        rebuilt. Use it with ``read_only=True``, so the run's config.toml keeps its own settings.
+        """
+        self.cfg = dataclasses.replace(self.cfg, eval=section)
+        self._build_eval_set()
 
     def _build_eval_set(self) -> None:
         cfg = self.cfg.eval
@@ -594,7 +614,10 @@ class Federation:
                     self._type_ranks.append(t.module_ranks(self.shapes, self.groups))
                 self.client_type[k] = self.types.index(t)
             self._make_aggregator()
-        self.log(f"resuming {self.run_dir} after round {ckpt['round']}")
+        if self.read_only:
+            self.log(f"opened {self.run_dir} at round {ckpt['round']}")
+        else:
+            self.log(f"resuming {self.run_dir} after round {ckpt['round']}")
 
     def _check_restored_assignment(self) -> None:
         # Checked when the run starts rather than at load time: on Flower the nodes declare their
