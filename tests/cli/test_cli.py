@@ -108,3 +108,26 @@ def test_missing_data_path_exits_2_without_creating_the_run_dir(tmp_path: Path, 
     assert code == 2
     assert "missing.jsonl" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["spec", "files"])
+def test_a_model_that_cannot_load_exits_2_with_the_reason(tmp_path: Path, capsys, kind: str) -> None:
+    """A model directory without config.json (a bad spec) or with a broken one (unreadable files)
+    is bad input: exit 2, one error line naming the directory, no traceback, no run directory."""
+    model = tmp_path / "model"
+    model.mkdir()
+    if kind == "files":
+        (model / "config.json").write_text("{not json")
+    out = tmp_path / "never"
+    assert main(["run", "--set", f'model="{model}"', "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and str(model) in err and "Traceback" not in err
+    assert ("no config.json" if kind == "spec" else "could not load the model directory") in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rank", ["0", "-3", "x"])
+def test_export_rank_must_be_positive(run_dir: Path, rank: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(run_dir), "--rank", rank])
+    assert exc.value.code == 2 and "--rank: must be a positive whole number" in capsys.readouterr().err

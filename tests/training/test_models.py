@@ -263,6 +263,30 @@ def test_spec_errors(tmp_path):
         parse_model_spec("")
 
 
+def test_spec_errors_are_model_spec_errors(tmp_path):
+    # A ValueError subclass, so the CLI can report it as bad input without catching every ValueError.
+    for spec in ("builtin:gpt-17", str(tmp_path), "not a model!", ""):
+        with pytest.raises(models.ModelSpecError):
+            parse_model_spec(spec)
+
+
+def test_unreadable_model_files_name_the_file_and_the_fix(tmp_path):
+    """A truncated .gguf or a model directory with a broken config.json is a ModelLoadError that
+    names the path and what to check, not a bare transformers exception."""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF\x03\x00")  # the magic and half a version: a download cut short
+    with pytest.raises(ModelLoadError) as info:
+        load_base_model(cut, cache_dir=tmp_path / "cache")
+    assert str(cut) in str(info.value) and "complete GGUF model file" in str(info.value)
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))  # nothing half-converted is cached
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError) as info:
+        load_base_model(broken)
+    assert str(broken) in str(info.value) and "config.json, the tokenizer files and the weights" in str(info.value)
+
+
 def test_hub_id_offline_error_is_clear(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

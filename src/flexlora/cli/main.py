@@ -15,6 +15,16 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flexlora",
@@ -45,7 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a run's global adapter (PEFT format) and optionally a merged model")
     ex.add_argument("run_dir", type=Path)
-    ex.add_argument("--rank", type=int, default=None, help="export rank (default: the run's export.rank)")
+    ex.add_argument("--rank", type=_positive_int, default=None,
+                    help="export rank, capped per module at min(out, in) (default: the run's export.rank)")
     ex.add_argument("--output", type=Path, help="adapter directory (default: RUN_DIR/adapter)")
     ex.add_argument("--merged", type=Path, metavar="DIR", help="also write the merged model to DIR")
 
@@ -190,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     from flexlora.engines.checkpoint import CheckpointError
     from flexlora.engines.config import ConfigError
     from flexlora.engines.federation import FederationError
+    from flexlora.training.models import ModelLoadError, ModelSpecError
 
     handlers = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "config": cmd_config, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, AggregationError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, AggregationError, FileNotFoundError, ModelLoadError,
+            ModelSpecError) as exc:
         _log(f"error: {exc}")
         return EXIT_BAD_INPUT
     except FederationError as exc:

