@@ -65,7 +65,7 @@ from flexlora.engines.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from flexlora.engines.config import RunConfig, to_toml
+from flexlora.engines.config import EvalSection, RunConfig, to_toml
 from flexlora.engines.outputs import TensorBoardLog, plot_curves, summary_table, write_metrics
 from flexlora.training.adapter import client_adapter
 from flexlora.training.client import ClientSpec, ClientTask, EncodingOptions
@@ -371,7 +371,8 @@ class Federation:
         Where status lines and warnings go.
     read_only : bool, default False
         Open a run to evaluate or export it (``flexlora eval``/``export``; needs ``resume=True``):
-        nothing in ``run_dir`` is rewritten, so eval overrides do not change the run's config.toml.
+        the federation rewrites nothing in ``run_dir`` (not its config.toml, not partition.json),
+        so eval overrides leave the run as it was; ``export`` then writes only the adapter asked for.
     """
 
     def __init__(
@@ -504,7 +505,7 @@ class Federation:
         self.client_type[k] = self.types.index(client_type)
         self._make_aggregator()
 
-    def use_eval_settings(self, section: Any) -> None:
+    def use_eval_settings(self, section: EvalSection) -> None:
         """Evaluate with other ``eval.*`` settings (``flexlora eval RUN --set eval.KEY=VALUE``).
 
         The run's identity (its checkpoint fingerprint) stays that of its own config: eval
