@@ -149,13 +149,49 @@ def test_check_finite_false_skips_the_scan(helpers, gen):
         validate_round(updates)
 
 
-def test_large_finite_values_are_not_flagged(helpers, gen):
-    # the fast path sums the tensor; an overflowing sum of finite values must not be taken for Inf
+def test_large_finite_values_are_not_taken_for_inf(helpers, gen):
+    # The fast path sums the tensor; an overflowing sum of finite values must not be reported as
+    # NaN/Inf. Such values are refused, but for their size (their products overflow float32).
     updates = _good_round(helpers, gen)
     a, b = updates[1].factors[MOD]
     big = torch.full_like(a, 3e38)
     updates[1] = _replace(updates[1], MOD, (big, b))
-    validate_round(updates)
+    with pytest.raises(AggregationError) as exc:
+        validate_round(updates)
+    assert "too large to aggregate in float32" in str(exc.value) and "NaN" not in str(exc.value)
+    validate_round(updates, check_finite=False)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_update_norm_bound_is_exact_and_names_the_client(helpers, gen, name):
+    """The bound is (alpha/r) ||B||_F ||A||_F <= MAX_UPDATE_NORM: scale one client's A so the
+    bound lands just under it (accepted) and just over it (refused, naming client and module)."""
+    from flexlora.core.types import MAX_UPDATE_NORM
+
+    updates = _good_round(helpers, gen)
+    u = updates[1]
+    a, b = u.factors[MOD]
+    unit = u.scale(MOD) * float(a.double().norm()) * float(b.double().norm())
+    for factor, ok in ((0.99, True), (1.01, False)):
+        k = factor * MAX_UPDATE_NORM / unit
+        updates[1] = _replace(u, MOD, ((a.double() * k).float(), b))
+        if ok:
+            validate_round(updates)
+        else:
+            with pytest.raises(AggregationError, match=rf"client 1, module '{MOD}': the update is too large"):
+                get_aggregator(name).aggregate(updates)
+
+
+def test_nonfinite_modules_names_the_bad_module(helpers, gen):
+    agg = get_aggregator("flexlora")
+    state = agg.aggregate(_good_round(helpers, gen))
+    assert state.nonfinite_modules() == []
+    state.modules[MOD].svd.S[0] = float("inf")
+    assert state.nonfinite_modules() == [MOD]
+    factored = get_aggregator("fedavg").aggregate(_good_round(helpers, gen))  # A/B representation
+    assert factored.nonfinite_modules() == []
+    factored.modules[OTHER].B[0, 0] = float("nan")
+    assert factored.nonfinite_modules() == [OTHER]
 
 
 @pytest.mark.parametrize("name", ALL)

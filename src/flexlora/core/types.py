@@ -117,6 +117,16 @@ class ClientUpdate:
         return f"client {index}" + (f" ({self.client_id!r})" if self.client_id is not None else "")
 
 
+MAX_UPDATE_NORM = 1e30
+"""Largest accepted bound ``(alpha/r) ||B||_F ||A||_F`` on a client's effective update of one module.
+
+Beyond it the server's float32 products (the QR core ``R_B R_A^T``, a dense sum of several
+clients) can overflow float32's 3.4e38 into Inf, and one client would turn the global adapter
+into Inf for everyone. Trained adapters are many orders of magnitude below it (a float32
+model's weights stay below about 1e4); only a corrupted or malicious update comes near it.
+"""
+
+
 def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True) -> dict[str, tuple[int, int]]:
     """Check a round's updates and return ``{module: (out_features, in_features)}``.
 
@@ -126,7 +136,8 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
         For an empty round, a non-positive or non-integer ``num_examples``, a non-positive or
         non-finite ``alpha``, a non-bool ``rslora``, factors whose shapes do not chain (``A: r x in``, ``B: out x r``),
         a module missing in some clients, a module whose shape differs across clients, a rank
-        of zero or above ``min(out, in)``, or NaN/Inf values.
+        of zero or above ``min(out, in)``, or (with ``check_finite``) NaN/Inf values or an
+        update too large for float32 (:data:`MAX_UPDATE_NORM`).
     """
     if len(updates) == 0:
         raise AggregationError("empty round: aggregate() needs at least one ClientUpdate")
@@ -193,7 +204,20 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
                     f"{who}, module {name!r}: factor {bad} holds NaN or Inf values; drop this client's update "
                     "(its local training diverged) or lower its learning rate"
                 )
+            if check_finite:
+                bound = u.scale(name) * _norm64(a) * _norm64(b)
+                if not bound <= MAX_UPDATE_NORM:
+                    raise AggregationError(
+                        f"{who}, module {name!r}: the update is too large to aggregate in float32 "
+                        f"((alpha/r) ||B|| ||A|| = {bound:.3g} > {MAX_UPDATE_NORM:.0e}); drop this client's update "
+                        "(its factors are corrupted or its training diverged)"
+                    )
     return shapes
+
+
+def _norm64(t: torch.Tensor) -> float:
+    # Accumulated in float64, so the norm of large float32 values does not itself overflow.
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
 
 
 def _all_finite(t: torch.Tensor) -> bool:

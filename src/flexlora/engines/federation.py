@@ -278,7 +278,8 @@ class RoundFold:
         Raises
         ------
         FederationError
-            When fewer than ``min_clients`` valid updates arrived; the state is left as it was.
+            When fewer than ``min_clients`` valid updates arrived, or the aggregate is not finite;
+            the state is left as it was.
         """
         fed, rnd = self.fed, self.rnd
         # The record lists the clients in the tasks' order, whatever order their replies came in.
@@ -295,13 +296,17 @@ class RoundFold:
             )
         t0 = time.perf_counter()
         if self.stage1:
-            fed.slora_change = aggregate_sparse(self.sparse, fed.slora_counts(), previous=fed.slora_change)
+            change = aggregate_sparse(self.sparse, fed.slora_counts(), previous=fed.slora_change)
+            self._check_finite(rnd, [m for m, v in change.items() if not bool(torch.isfinite(v).all())])
+            fed.slora_change = change
             self.sparse = []
             if rnd == fed.cfg.slora.stage1_rounds:
                 fed.state = fed._slora_stage2_state(rnd)
         else:
             assert self.acc is not None
-            fed.state = self.acc.finish()
+            state = self.acc.finish()
+            self._check_finite(rnd, state.nonfinite_modules())
+            fed.state = state
         agg_seconds = self.seconds + (time.perf_counter() - t0)
         pruned_now: dict[str, dict[str, Any]] = {}
         for o, _ in self.valid:
@@ -335,6 +340,18 @@ class RoundFold:
         if self.dropped:
             record["dropped"] = self.dropped
         return record
+
+
+    def _check_finite(self, rnd: int, bad: list[str]) -> None:
+        # Every update was checked on arrival; this is the last guard before the new state is
+        # installed and checkpointed over the previous round's.
+        if bad:
+            raise FederationError(
+                f"round {rnd}: the aggregated global update is not finite in {len(bad)} module(s) "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); it was not installed. The checkpoint "
+                f"of round {rnd - 1} in {self.fed.run_dir} is intact: continue with --resume {self.fed.run_dir} "
+                "(lower train.lr if the clients' training diverges)"
+            )
 
 
 class Engine(Protocol):
@@ -748,7 +765,8 @@ class Federation:
         Raises
         ------
         FederationError
-            When fewer than ``min_clients`` valid updates arrived; the state is left as it was.
+            When fewer than ``min_clients`` valid updates arrived, or the aggregate is not finite;
+            the state is left as it was.
         """
         fold = self.begin_aggregation(rnd, [o.task for o in outcomes])
         for o in outcomes:

@@ -30,10 +30,12 @@ def _assert_matches_reference(helpers, updates, state, factors, ranks, alpha, *,
         err = float(torch.linalg.norm(ref - eff))
         assert err <= helpers.tail_error(ref, r) + rtol * ref_norm, m
         # Equality with the reference truncation; its conditioning is sigma_1 / gap (Wedin), so the
-        # float32 tolerance widens only when sigma_r and sigma_{r+1} (nearly) coincide.
+        # float32 tolerance widens only when sigma_r and sigma_{r+1} (nearly) coincide: a backward
+        # error of c eps32 ||M|| (eps32 = 6e-8; c about 9 was the worst seen, at gap 0.043) moves the
+        # truncation by about c eps32 / gap, and 1e-6 / gap allows c up to 17.
         gap = helpers.relative_gap(ref, r)
         if gap > 1e-4:
-            tol = max(rtol, rtol * 0.05 / gap)
+            tol = max(rtol, 1e-6 / gap)
             assert helpers.rel_err(eff, helpers.best_rank(ref, r)) <= tol, (m, gap)
         # The kept singular values match the reference's (Weyl: gap-independent).
         S = state.modules[m].svd.S.double()

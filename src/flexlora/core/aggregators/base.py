@@ -92,6 +92,12 @@ class GlobalState:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {m: s.shape for m, s in self.modules.items()}
 
+    def nonfinite_modules(self) -> list[str]:
+        """The modules whose representation holds NaN or Inf (an engine checks this before it
+        installs and checkpoints a new global state)."""
+        return [m for m, st in self.modules.items()
+                if not math.isfinite(st.scale) or not all(bool(torch.isfinite(t).all()) for t in st.tensors().values())]
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (for ``torch.save``/safetensors checkpoints)."""
         mods = {}

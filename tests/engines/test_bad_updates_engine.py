@@ -1,0 +1,61 @@
+"""A client update that is finite but too large for float32 is dropped by name, and a global
+state that is not finite is never installed or checkpointed over the previous round's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from engine_common import TINY
+
+from flexlora.engines.checkpoint import load_checkpoint
+from flexlora.engines.config import load_config
+from flexlora.engines.federation import FederationError
+from flexlora.engines.simulation import LocalEngine, Simulation
+
+QUIET = ["eval.every=0", "eval.baseline=false", "eval.per_type=false", "rounds=2"]
+
+
+class _Inflating(LocalEngine):
+    """The local engine, with the first client of round 2 sending every factor times 1e25: finite
+    float32 values whose products (1e50) overflow float32."""
+
+    def train_round(self, fed, rnd, tasks):
+        for i, o in enumerate(super().train_round(fed, rnd, tasks)):
+            if rnd == 2 and i == 0:
+                self.victim = o.task.spec.client_id
+                o.update.factors = {m: (a * 1e25, b * 1e25) for m, (a, b) in o.update.factors.items()}
+                assert all(bool(torch.isfinite(t).all()) for ab in o.update.factors.values() for t in ab)
+            yield o
+
+
+def _metrics(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_update_too_large_for_float32_is_dropped_by_name(tmp_path: Path) -> None:
+    sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
+    engine = _Inflating(progress=False)
+    sim.run(engine)
+    dropped = _metrics(sim.run_dir)[-1]["dropped"]
+    assert [d["client"] for d in dropped] == [engine.victim]
+    assert "too large to aggregate in float32" in dropped[0]["reason"] and "module '" in dropped[0]["reason"]
+    assert sim.state is not None and sim.state.nonfinite_modules() == []
+
+
+def test_a_non_finite_aggregate_is_not_installed_and_round_1_stays_checkpointed(tmp_path: Path) -> None:
+    # With the aggregator's own checks off (check_finite=false), the overflow reaches the aggregate;
+    # the federation's last guard must still refuse to install and checkpoint it.
+    cfg = load_config(None, [*TINY, *QUIET, "aggregator_options.check_finite=false"])
+    sim = Simulation(cfg, tmp_path / "r", progress=False, log=lambda m: None)
+    with pytest.raises(FederationError, match="round 2: the aggregated global update is not finite") as exc:
+        sim.run(_Inflating(progress=False))
+    assert f"--resume {sim.run_dir}" in str(exc.value)
+    ckpt = load_checkpoint(sim.run_dir / "checkpoints")
+    assert ckpt["round"] == 1
+    tensors = [t for m in ckpt["global_state"]["modules"].values() for t in m["tensors"].values()]
+    assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors)
+    assert [r["round"] for r in _metrics(sim.run_dir)] == [1]
+    assert sim.state is not None and sim.state.nonfinite_modules() == []  # round 1's state, still installed
