@@ -59,3 +59,23 @@ def test_a_non_finite_aggregate_is_not_installed_and_round_1_stays_checkpointed(
     assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors)
     assert [r["round"] for r in _metrics(sim.run_dir)] == [1]
     assert sim.state is not None and sim.state.nonfinite_modules() == []  # round 1's state, still installed
+
+
+class _Mislabelled(LocalEngine):
+    """The local engine, with the second reply of round 2 claiming to come from another client."""
+
+    def train_round(self, fed, rnd, tasks):
+        for i, o in enumerate(super().train_round(fed, rnd, tasks)):
+            if rnd == 2 and i == 1:
+                self.victim = o.task.spec.client_id
+                o.update.client_id = "client09999"
+            yield o
+
+
+def test_a_reply_labelled_for_another_client_is_dropped(tmp_path: Path) -> None:
+    sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
+    engine = _Mislabelled(progress=False)
+    sim.run(engine)
+    dropped = _metrics(sim.run_dir)[-1]["dropped"]
+    assert [d["client"] for d in dropped] == [engine.victim]
+    assert dropped[0]["reason"] == f"the reply is labelled 'client09999', but the task was {engine.victim!r}'s"

@@ -65,7 +65,7 @@ from flexlora.engines.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from flexlora.engines.config import EvalSection, RunConfig, to_toml
+from flexlora.engines.config import ConfigError, EvalSection, RunConfig, to_toml
 from flexlora.engines.outputs import TensorBoardLog, plot_curves, summary_table, write_metrics
 from flexlora.training.adapter import client_adapter
 from flexlora.training.client import ClientSpec, ClientTask, EncodingOptions
@@ -83,14 +83,33 @@ class FederationError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` picks CUDA, then MPS, then CPU."""
+    """``"auto"`` picks CUDA, then MPS, then CPU.
+
+    Raises
+    ------
+    ConfigError
+        For a device this machine does not have (on Flower, a node whose hardware differs from
+        the server's: ``device = "auto"`` lets each process pick its own).
+    """
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps:
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"config key 'device': {name!r} is not a torch device ({exc}); use 'auto', 'cpu', "
+                          "'cuda', 'cuda:N' or 'mps'") from exc
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ConfigError(f"config key 'device': {name!r}, but this machine has {found}; use device='auto' "
+                          "(each process, each Flower node too, then picks what it has) or 'cpu'")
+    if device.type == "mps" and not mps:
+        raise ConfigError(f"config key 'device': {name!r}, but MPS is not available here; use device='auto' or 'cpu'")
+    return device
 
 
 def base_dtype(name: str) -> torch.dtype:
@@ -735,6 +754,8 @@ class Federation:
             return self._check_sparse(task, update)
         if not isinstance(update, ClientUpdate):
             return f"expected LoRA factors, got {type(update).__name__}"
+        if update.client_id is not None and update.client_id != task.spec.client_id:
+            return f"the reply is labelled {update.client_id!r}, but the task was {task.spec.client_id!r}'s"
         missing = sorted(set(self.shapes) - set(update.factors))
         extra = sorted(set(update.factors) - set(self.shapes))
         if missing or extra:

@@ -132,3 +132,74 @@ def test_only_the_flower_engine_imports_flwr_and_the_federation_imports_no_engin
                    for n in fed), fed
     # guard: the check sees flwr imports where they are
     assert any(n.startswith("flwr") for n in _imports(flower_dir / "strategy.py"))
+
+
+def test_reply_bytes_are_counted_from_the_data_not_the_peers_metadata() -> None:
+    """A peer's Array metadata (dtype, shape) is not trusted: the upload is counted from the
+    decoded arrays, so a lying header neither crashes the server nor skews the byte counts."""
+    upd = ClientUpdate(_factors(1), num_examples=3, alpha=16.0)
+    for meta in ({"dtype": "bogus"}, {"shape": (-1000000,)}, {"dtype": "float64", "shape": (10**6, 10**3)}):
+        content = reply_content(upd, 1.0, 1)
+        rec = content.array_records["update"]
+        good = rec["layers.0.q_proj::A"]
+        fields = {"dtype": good.dtype, "shape": tuple(good.shape), **meta}
+        rec["layers.0.q_proj::A"] = Array(stype=good.stype, data=good.data, **fields)
+        u, _, _, up = decode_reply(content)
+        assert up == factor_bytes(upd.factors), meta
+        assert torch.equal(u.factors["layers.0.q_proj"][0], upd.factors["layers.0.q_proj"][0])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train-loss", float("inf"), "train-loss is inf"),
+    ("train-loss", float("nan"), "train-loss is nan"),
+    ("train-loss", -1.0, "train-loss is -1.0"),
+    ("steps", -5, "steps is -5"),
+])
+def test_impossible_reply_metrics_are_wire_errors(field: str, value, match: str) -> None:
+    content = reply_content(ClientUpdate(_factors(), num_examples=3, alpha=16.0), 1.0, 1)
+    content.metric_records["metrics"][field] = value
+    with pytest.raises(WireError, match=match):
+        decode_reply(content)
+
+
+def test_whole_number_refuses_what_int_would_truncate() -> None:
+    from flexlora.engines.flower.wire import whole_number
+
+    assert [whole_number(v) for v in (3, 3.0, "3", " 12 ", -1)] == [3, 3, 3, 12, -1]
+    for bad in (2.7, True, False, float("inf"), float("nan"), "2.5", "x", None, [1]):
+        with pytest.raises((ValueError, TypeError)):
+            whole_number(bad)
+
+
+def test_node_side_capabilities_refuse_bad_values() -> None:
+    from flexlora.engines.flower.node import NodeError, capabilities
+
+    assert capabilities({"partition-id": 2, "budget": "2e6"}) == {"partition-id": 2, "budget": 2e6,
+                                                                   "budget-unit": "params"}
+    for cfg, match in (({"partition-id": 2.7}, "whole number"), ({"partition-id": True}, "whole number"),
+                       ({"partition-id": 0, "budget": "12GB"}, "budget must be a positive number"),
+                       ({"partition-id": 0, "budget": -5}, "budget must be a positive number"),
+                       ({"partition-id": 0, "budget": "nan"}, "budget must be a positive number")):
+        with pytest.raises(NodeError, match=match):
+            capabilities(cfg)
+
+
+def test_server_side_capabilities_from_a_peer_that_skipped_the_node_checks(tmp_path) -> None:
+    """A peer's capability record is parsed defensively: every bad value is a WireError (the node is
+    ignored with a warning), never a crash of the ServerApp, and a budget error names the partition."""
+    from flexlora.engines.config import load_config
+    from flexlora.engines.federation import Federation
+    from flexlora.engines.flower.strategy import FlexLoRAStrategy
+
+    sets = ["model=builtin:tiny-llama", "num_clients=4", "data_options.max_per_task=4", "rounds=1"]
+    fed = Federation(load_config(None, sets), tmp_path / "probe", progress=False, log=lambda m: None)
+    strategy = FlexLoRAStrategy(fed, log=lambda m: None)
+    assert strategy._resolve(7, ConfigRecord({"partition-id": 2}))[0] == 2
+    for caps, match in (({"partition-id": float("inf")}, "whole-number partition-id"),
+                        ({"partition-id": 2.7}, "whole-number partition-id"),
+                        ({"partition-id": True}, "whole-number partition-id"),
+                        ({"partition-id": 1, "budget": [1.0, 2.0]}, "budget .* must be a positive number"),
+                        ({"partition-id": 1, "budget": float("nan")}, "must be a positive number"),
+                        ({"partition-id": 3, "budget": 5.0}, "^partition 3: budget 5")):
+        with pytest.raises(WireError, match=match):
+            strategy._resolve(7, ConfigRecord(caps))

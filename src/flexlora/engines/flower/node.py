@@ -29,6 +29,7 @@ from flexlora's safetensors cache, and the cost left is importing torch and tran
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -41,6 +42,7 @@ import torch
 from flexlora.data import Example, load_task_data, partition_examples
 from flexlora.engines.config import RunConfig, from_dict
 from flexlora.engines.federation import base_dtype, encoding_options, load_run_data, local_train_config, resolve_device
+from flexlora.engines.flower.wire import whole_number
 from flexlora.training.client import ClientTask, run_client_task
 from flexlora.training.models import load_base_model
 
@@ -59,9 +61,21 @@ def partition_id(node_config: Mapping[str, Any]) -> int:
         raise NodeError("the node config has no partition-id; start the SuperNode with "
                         "--node-config \"partition-id=<client index>\"")
     try:
-        return int(node_config["partition-id"])
+        return whole_number(node_config["partition-id"])
     except (TypeError, ValueError) as exc:
-        raise NodeError(f"node config partition-id must be an int, got {node_config['partition-id']!r}") from exc
+        raise NodeError(f"node config partition-id must be a whole number (the client index), got "
+                        f"{node_config['partition-id']!r}") from exc
+
+
+def _budget(value: Any) -> float:
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if isinstance(value, bool) or not math.isfinite(budget) or budget <= 0:
+        raise NodeError(f"node config budget must be a positive number (of parameters, or of bytes with "
+                        f"budget-unit='bytes'), e.g. --node-config \"partition-id=0 budget=2e6\"; got {value!r}")
+    return budget
 
 
 def capabilities(node_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,7 +86,7 @@ def capabilities(node_config: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"partition-id": partition_id(node_config)}
     for k in declared:
         v = node_config[k]
-        out[k] = float(v) if k == "budget" else str(v)
+        out[k] = _budget(v) if k == "budget" else str(v)
     if "budget" in out:
         out["budget-unit"] = str(node_config.get("budget-unit", "params"))
     return out
@@ -106,7 +120,7 @@ def node_examples(cfg: RunConfig, node_config: Mapping[str, Any], client: int) -
     if key not in _DATA:
         if own:
             data = load_task_data(own)
-            _DATA[key] = [ex for exs in data.train.values() for ex in exs]
+            examples = [ex for exs in data.train.values() for ex in exs]
         else:
             data = load_run_data(cfg)
             n = cfg.num_clients or len(data.train)
@@ -115,9 +129,11 @@ def node_examples(cfg: RunConfig, node_config: Mapping[str, Any], client: int) -
             part = partition_examples(data, n, cfg.data_options.partition, alpha=cfg.data_options.dirichlet_alpha,
                                       seed=cfg.seed)
             by_id = {ex.id: ex for exs in data.train.values() for ex in exs}
-            _DATA[key] = [by_id[i] for i in part.clients[client]]
-        if not _DATA[key]:
+            examples = [by_id[i] for i in part.clients[client]]
+        # Not cached when empty: every later message must get this error, not a generic one.
+        if not examples:
             raise NodeError(f"node of partition {client} holds no training examples")
+        _DATA[key] = examples
     return _DATA[key]
 
 

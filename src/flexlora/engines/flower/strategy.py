@@ -19,6 +19,7 @@ What only a network federation needs is here:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -40,6 +41,7 @@ from flexlora.engines.flower.wire import (
     decode_reply,
     record_nbytes,
     task_content,
+    whole_number,
 )
 from flexlora.training.client import ClientTask
 
@@ -100,9 +102,9 @@ class FlexLoRAStrategy(Strategy):
     def _resolve(self, node: int, caps: ConfigRecord) -> tuple[int, ClientType | None]:
         fed = self.fed
         try:
-            k = int(caps["partition-id"])
+            k = whole_number(caps["partition-id"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise WireError(f"capabilities without an int partition-id: {dict(caps)!r}") from exc
+            raise WireError(f"capabilities without a whole-number partition-id: {dict(caps)!r}") from exc
         if not 0 <= k < fed.num_clients:
             raise WireError(f"partition-id {k} is outside the run's clients 0..{fed.num_clients - 1}")
         types = client_types_for(fed.cfg)
@@ -123,11 +125,14 @@ class FlexLoRAStrategy(Strategy):
                 raise WireError(f"ranks {caps['ranks']!r} must be 'r' or 'attention,mlp' positive ints") from exc
         if "budget" in caps:
             unit = str(caps.get("budget-unit", "params"))
+            raw = caps["budget"]
+            if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw) or raw <= 0:
+                raise WireError(f"budget {raw!r} must be a positive number (of {unit})")
             try:
-                t = types_from_budget([float(caps["budget"])], fed.shapes, types=types, unit=unit,
-                                      groups=fed.groups)[0]
+                t = types_from_budget([float(raw)], fed.shapes, types=types, unit=unit, groups=fed.groups)[0]
             except ValueError as exc:
-                raise WireError(str(exc)) from exc
+                # types_from_budget numbers its budgets from 0; this node's one is partition k's.
+                raise WireError(f"partition {k}: {str(exc).removeprefix('client 0: ')}") from exc
             return k, t
         return k, None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,13 @@ def record_to_factors(rec: ArrayRecord) -> dict[str, Factors]:
         For a key that is not ``<module>::A``/``::B``, a module with only one factor, an array
         that cannot be read, a dtype that is not floating point, or factors that are not 2-D.
     """
+    return _decode_factors(rec)[0]
+
+
+def _decode_factors(rec: ArrayRecord) -> tuple[dict[str, Factors], int]:
+    """The factors of ``rec`` and their payload bytes at the wire dtype, counted from the decoded
+    arrays: a peer's Array metadata (dtype, shape) is not trusted for the count."""
+    nbytes = 0
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key in rec.keys():
         module, sep, which = key.rpartition("::")
@@ -69,13 +77,28 @@ def record_to_factors(rec: ArrayRecord) -> dict[str, Factors]:
             raise WireError(f"array {key!r} has dtype {arr.dtype}, expected a floating-point dtype")
         if arr.ndim != 2:
             raise WireError(f"array {key!r} has shape {arr.shape}, expected a 2-D factor")
+        nbytes += int(arr.nbytes)
         parts.setdefault(module, {})[which] = torch.from_numpy(np.array(arr, dtype=np.float32))
     out = {}
     for m, p in parts.items():
         if set(p) != {"A", "B"}:
             raise WireError(f"module {m!r} has only factor {''.join(p)}; both A and B are needed")
         out[m] = (p["A"], p["B"])
-    return out
+    return out, nbytes
+
+
+def whole_number(value: Any) -> int:
+    """``value`` as an int when it is one: an int (not a bool), an integral float, or a string of
+    digits. Raises ValueError otherwise (``int()`` would truncate 2.7 and accept True)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is a bool, not a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().removeprefix("-").isdigit():
+        return int(value.strip())
+    raise ValueError(f"{value!r} is not a whole number")
 
 
 def record_nbytes(rec: ArrayRecord | None) -> int:
@@ -185,12 +208,16 @@ def decode_reply(content: RecordDict) -> tuple[ClientUpdate, float, int, int]:
     n = _get(m, "num-examples", int, "reply metrics")
     loss = float(_get(m, "train-loss", (int, float), "reply metrics"))
     steps = int(_get(m, "steps", int, "reply metrics"))
+    # A client whose training diverges stops with an error reply, so a non-finite loss here is garbage.
+    if not math.isfinite(loss) or loss < 0:
+        raise WireError(f"reply metrics: train-loss is {loss}, expected a finite loss >= 0")
+    if steps < 0:
+        raise WireError(f"reply metrics: steps is {steps}, expected >= 0")
     alpha = float(_get(meta, "alpha", (int, float), "reply meta"))
     if not math.isfinite(alpha):
         raise WireError(f"reply meta: alpha is {alpha}")
-    rec = content.array_records["update"]
-    factors = record_to_factors(rec)
+    factors, nbytes = _decode_factors(content.array_records["update"])
     update = ClientUpdate(factors=factors, num_examples=n, alpha=alpha, rslora=_flag(meta, "rslora", "reply meta"),
                           client_id=_get(meta, "client-id", str, "reply meta") or None,
                           metadata={"train_loss": loss, "steps": steps})
-    return update, loss, steps, record_nbytes(rec)
+    return update, loss, steps, nbytes
