@@ -114,19 +114,74 @@ def _plan(preset: Preset, rows: Sequence[Row], dataset_sets: dict[str, tuple[str
 
 
 # -------------------------------------------------------------------------- results
+_TEXT_FIELDS = ("id", "method", "distribution", "dataset")
+_ROUND_FIELDS = ("rougeL", "eval_loss", "train_loss", "aggregate_seconds", "tail_energy")
+
+
+def _row_problem(row: Any) -> str | None:
+    """Why a parsed line of ``results.jsonl`` is not a row the report can use (None when it is)."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for key in _TEXT_FIELDS:
+        if not isinstance(row.get(key), str) or not row[key]:
+            return f"field {key!r} is {row.get(key)!r}, expected a non-empty string"
+    if isinstance(row.get("seed"), bool) or not isinstance(row.get("seed"), int):
+        return f"field 'seed' is {row.get('seed')!r}, expected an int"
+    final = row.get("rougeL_final")
+    if isinstance(final, bool) or not isinstance(final, int | float):
+        return f"field 'rougeL_final' is {final!r}, expected a number"
+    for key in _ROUND_FIELDS:
+        d = row.get(key, {})
+        if not isinstance(d, dict) or not all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in d.items()):
+            return f"field {key!r} must map round numbers (\"1\", \"2\", ...) to numbers"
+    return None
+
+
 def read_results(path: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The rows of ``results.jsonl``; a torn last line (a kill while writing) is skipped with a warning."""
+    """The rows of ``results.jsonl``.
+
+    A torn last line (a kill while writing) is skipped with a warning and kept in
+    ``results.jsonl.bad``; any other unreadable line is an error naming it, so that nothing a
+    user cannot see is ever dropped from the file.
+
+    Raises
+    ------
+    BenchError
+        A file that is not UTF-8, or a line (but a torn last one) that is not a JSON row object
+        with the fields the report reads.
+    """
     if not path.is_file():
         return []
+    try:
+        # utf-8-sig: an editor's byte-order mark is not part of the first row.
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise BenchError(f"{path} is not UTF-8 text ({exc}); restore it from a copy, or move it away to run "
+                         "every row again") from exc
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
     out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            log(f"warning: {path}:{i} is not valid JSON and is ignored (its row will run again)")
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == last:
+                bad = path.with_name(path.name + ".bad")
+                with bad.open("a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+                log(f"warning: {path}:{i} is not valid JSON (a write cut short?); it is ignored, kept in {bad}, "
+                    "and its row will run again")
+                continue
+            raise BenchError(f"{path}:{i} is not valid JSON ({exc.msg}); fix or delete that line (its row then "
+                             "runs again)") from exc
+        problem = _row_problem(row)
+        if problem is not None:
+            raise BenchError(f"{path}:{i} is not a result row: {problem}; fix or delete that line (its row then "
+                             "runs again)")
+        out.append(row)
     return out
 
 
@@ -259,16 +314,55 @@ def plan_quality(
         + (f"; --set {' '.join(sets)}" if sets else ""))
     rows = grid_rows(p, names)
     if only:
-        selected = [r for r in rows if any(s in r.id for s in only)]
-        if not selected:
-            raise BenchError(f"--only {' '.join(only)}: matches no row of preset {p.name}; row ids look like "
-                             f"{', '.join(r.id for r in rows[:3])} (all: {len(rows)})")
-        rows = selected
+        # Each --only must match: a typo beside a good one would silently leave its rows out.
+        for s in only:
+            if not s.strip() or not any(s in r.id for r in rows):
+                raise BenchError(f"--only {s!r}: matches no row of preset {p.name}; row ids look like "
+                                 f"{', '.join(r.id for r in rows[:3])} (all: {len(rows)}; list them with --list)")
+        rows = [r for r in rows if any(s in r.id for s in only)]
     grid_keys = {k for r in rows for k in _keys(r.sets)}
     for k in sorted(set(user_keys) & grid_keys):
         log(f"warning: --set {k} overrides a key the grid sets per row; every row gets the same value")
     dataset_sets = {n: (*DATASETS[n].sets(paths[n]), *p.dataset_sets.get(n, ())) for n in names}
     return _plan(p, rows, dataset_sets, sets)
+
+
+def _check_interrupted_row(ckpt: Path, rid: str, fingerprint: str) -> None:
+    """An interrupted row resumes from its checkpoint only with the settings it was started with."""
+    from flexlora.engines.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        saved = load_checkpoint(ckpt.parent).get("fingerprint")
+    except CheckpointError as exc:
+        raise BenchError(f"row {rid}: {exc}; or add --only {rid} --force to run the row again from the start") from exc
+    if saved != fingerprint:
+        raise BenchError(f"row {rid} was interrupted in {ckpt.parent.parent} with other settings than these (a "
+                         f"different --set, --data path or preset); run it with its own settings to resume it, or "
+                         f"add --only {rid} --force to run it again from the start")
+
+
+def _check_data(plans: Sequence[Plan]) -> None:
+    """Load each data set of the grid once, before anything runs: a bad file or a data set without
+    unseen examples to evaluate fails here in seconds, not once per row."""
+    from flexlora.data.errors import DataError
+    from flexlora.engines.federation import load_run_data, load_run_eval_data
+
+    seen: set[tuple[str, str]] = set()
+    for pl in plans:
+        key = (pl.row.dataset, pl.cfg.data)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            data = load_run_data(pl.cfg)
+            separate = load_run_eval_data(pl.cfg)
+        except DataError as exc:
+            raise BenchError(f"data set {pl.row.dataset}: {exc}") from exc
+        unseen = (separate or data).unseen
+        if not any(unseen.values()):
+            raise BenchError(f"data set {pl.row.dataset} ({pl.cfg.data}) has no unseen-task examples to evaluate "
+                             f"(unseen tasks: {sorted(unseen)[:5]}); every row would score Rouge-L nan. Check the "
+                             "data set's test split or data_options.unseen_tasks")
 
 
 def _tee(output: Path, log: Callable[[str], None]) -> Callable[[str], None]:
@@ -321,8 +415,11 @@ def run_quality(
     Raises
     ------
     BenchError
-        An unknown preset or data set, a missing data path, ``--only`` matching nothing, the paper
-        preset without ``--set model=...``, or a finished row recorded with other settings.
+        An unknown preset or data set, a missing or malformed data set (loaded once, before any
+        row runs) or one without unseen examples, an ``--only`` that matches nothing, the paper
+        preset without ``--set model=...``, a finished or interrupted row recorded with other
+        settings, fewer rounds than a finished row ran, an ``--output`` that is a file, or a
+        ``results.jsonl`` line that is not a result row.
     ConfigError
         A ``--set`` that no row's config accepts (the message names the row and the key).
     """
@@ -331,7 +428,13 @@ def run_quality(
     # Everything is checked before the output directory is made: a bad request leaves nothing behind.
     notes: list[str] = []
     plans = plan_quality(p, data=data, sets=sets, only=only, log=notes.append)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--output {out} is a file, not a directory; choose a directory for the grid")
+    _check_data(plans)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"--output {out}: cannot create the grid's directory ({exc})") from exc
     log = _tee(out, log)
     log(f"output {out}")
     for note in notes:
@@ -348,6 +451,16 @@ def run_quality(
                 raise BenchError(f"{results_path}: row {rid} was run with other settings than these (a different "
                                  "--set, --data path or preset); use another --output, or add "
                                  f"--only {rid} --force to run it again with these")
+        for pl in plans:
+            rid = pl.row.id
+            prev_rounds = done.get(rid, {}).get("rounds")
+            if not pl.row.is_base and isinstance(prev_rounds, int) and prev_rounds > pl.cfg.rounds:
+                raise BenchError(f"{results_path}: row {rid} has run {prev_rounds} rounds, more than rounds = "
+                                 f"{pl.cfg.rounds}; a row's rounds can only grow (add --only {rid} --force to run "
+                                 "it again from the start)")
+            ckpt = out / "runs" / pl.row.dirname / "checkpoints" / "latest.pt"
+            if rid not in done and not pl.row.is_base and ckpt.is_file():
+                _check_interrupted_row(ckpt, rid, fingerprints[rid])
     else:
         for pl in plans:
             run_dir = out / "runs" / pl.row.dirname
@@ -370,9 +483,9 @@ def run_quality(
                 log(f"{tag}: skipped, already in {RESULTS}")
                 res.skipped.append(row.id)
                 continue
-            # Only `rounds` changed: the engine continues a finished run from its checkpoint.
+            # Only `rounds` changed: the engine continues a finished run from its checkpoint. The
+            # row's previous result stays in results.jsonl until the continuation has finished.
             log(f"{tag}: in {RESULTS} with {prev.get('rounds')} rounds, continuing to {pl.cfg.rounds}")
-            results = [r for r in results if r["id"] != row.id]
         run_dir = out / "runs" / row.dirname
         resume = not row.is_base and (run_dir / "checkpoints" / "latest.pt").is_file()
         log(f"{tag}: {'resuming from its checkpoint' if resume else 'running'} in {run_dir}")

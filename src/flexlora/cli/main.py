@@ -187,6 +187,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise BenchError("--output DIR is required (the grid's directory; run again into it to resume)")
         res = run_quality(args.preset, args.output, data=args.data, sets=args.overrides, only=args.only,
                           force=args.force, log=_log)
+    except KeyboardInterrupt:
+        _log(f"interrupted; run the same command again to continue: finished rows are kept in "
+             f"{args.output / 'results.jsonl'}, and the interrupted row resumes from its last checkpoint")
+        return 130
     except BenchError as exc:
         _log(f"error: {exc}")
         return EXIT_BAD_INPUT
