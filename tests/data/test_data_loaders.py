@@ -492,3 +492,34 @@ def test_dispatch_rejects_unknown_option(fixtures: Path) -> None:
     with pytest.raises(DataError, match="does not take option") as err:
         load_task_data(fixtures / "ni", alpha=0.3)
     assert "max_per_task" in str(err.value)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("task", None, "field 'task' must be a non-empty string, got None"),
+    ("task", "", "field 'task' must be a non-empty string, got ''"),
+    ("task", ["a"], "field 'task' must be a non-empty string, got ['a']"),
+    ("task", 3, "field 'task' must be a non-empty string, got 3"),
+    ("id", False, "field 'id' must be a non-empty string or an int, got False"),
+    ("id", {"x": 1}, "field 'id' must be a non-empty string or an int"),
+    ("id", "\ud800", "field 'id' holds an unpaired surrogate"),
+    ("instruction", "ok \udc00", "field 'instruction' holds an unpaired surrogate"),
+    ("output", ["fine", "\ud800"], "field 'output' holds an unpaired surrogate"),
+])
+def test_jsonl_task_id_and_text_values_are_checked(tmp_path: Path, field: str, value, needle: str) -> None:
+    """A null, bool, list or object task or id would become a task called 'None' or "['a']"; a lone
+    surrogate (from a \\ud800 escape) would fail much later without a line. Both name the line."""
+    good = {"task": "t", "id": "t-1", "instruction": "say hi", "output": "hi"}
+    path = tmp_path / "d.jsonl"
+    # json.dumps writes a lone surrogate as the \ud800 escape, as such files hold it.
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "t-2", field: value}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_jsonl(path)
+    assert needle in str(err.value) and f"{path}, line 2" in str(err.value)
+
+
+def test_jsonl_int_ids_are_kept_as_their_text(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"task": "t", "id": i, "instruction": "q", "output": "a"}) + "\n"
+                            for i in (7, 8, 9)))
+    data = load_jsonl(path, holdout_fraction=0.34)
+    assert sorted(ex.id for exs in (*data.train.values(), *data.unseen.values()) for ex in exs) == ["7", "8", "9"]

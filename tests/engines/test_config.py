@@ -74,6 +74,7 @@ def test_every_issue_key_is_settable() -> None:
         (["lora.dropout=1.5"], "config key 'lora.dropout'"),
         (["local_steps=0"], "train.epochs must be > 0"),
         (["seed=true"], "config key 'seed': must be int"),
+        (['data_options.unseen_tasks=[["reverse_words"]]'], "config key 'data_options.unseen_tasks': must be a list"),
         # Aggregator settings are checked before the model loads; an unknown one lists the valid ones.
         (["aggregator_options.foo=1"], "aggregator 'flexlora' has no setting 'foo'; its settings are max_rank, "),
         (["aggregator=hetlora", "aggregator_options.gamma=2"], "no setting 'gamma'; its settings are weighting, "),

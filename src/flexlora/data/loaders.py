@@ -287,7 +287,40 @@ def _field_str(
             where=where,
             fix=f"make {field!r} a string in every record.",
         )
+    return _utf8(value, field, path=path, line=line, where=where)
+
+
+def _utf8(value: str, field: str, *, path: Path, line: int, where: str = "line") -> str:
+    """``value``, when it can be written as UTF-8: JSON's ``\\ud800``-style escapes can decode to
+    unpaired surrogates, which would fail much later (hashing ids, tokenizing) without a line."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"field {field!r} holds an unpaired surrogate ({value[exc.start]!r}), which is not text.",
+            path=path,
+            line=line,
+            where=where,
+            fix="write the text as UTF-8 (or as a paired \\ud83d\\ude00-style escape).",
+        ) from exc
     return value
+
+
+def _label_str(value: Any, field: str, *, allow_int: bool, path: Path, line: int, where: str = "line") -> str:
+    """A record's task name or id: a non-empty string, or (for ids) an int; never a stringified
+    null, bool, list or object, which would silently become a task called 'None' or "['a']"."""
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        kind = "a non-empty string" + (" or an int" if allow_int else "")
+        raise DataError(
+            f"field {field!r} must be {kind}, got {value!r}.",
+            path=path,
+            line=line,
+            where=where,
+            fix=f"give every record a {field!r} that names it.",
+        )
+    return _utf8(value, field, path=path, line=line, where=where)
 
 
 def _references(
@@ -295,9 +328,9 @@ def _references(
 ) -> tuple[str, ...]:
     """Normalise an answer field that may be one string or a list of acceptable strings."""
     if isinstance(value, str):
-        return (value,)
+        return (_utf8(value, field, path=path, line=line, where=where),)
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return tuple(value)
+        return tuple(_utf8(v, field, path=path, line=line, where=where) for v in value)
     if isinstance(value, list) and not value:
         raise DataError(
             f"field {field!r} is an empty list; there is no reference answer.",
@@ -505,7 +538,8 @@ def _load_ni_task(
         # Upstream instance ids ("task1146-<hex>") are unique across the collection; old
         # task files without ids fall back to the task name and the instance position.
         raw_id = inst.get("id")
-        ex_id = str(raw_id) if raw_id not in (None, "") else f"{task}-{i}"
+        ex_id = (_label_str(raw_id, "id", allow_int=True, path=path, line=i, where="instance") if raw_id not in (None, "")
+                 else f"{task}-{i}")
         examples.append(
             Example(
                 id=ex_id,
@@ -886,12 +920,12 @@ def load_jsonl(
     for line, rec in records:
         at = {"path": p, "line": line, "where": unit}
         _check_required_fields(rec, required, at=at, option_prefix=option_prefix)
-        task = fallback_task if task_field is None else str(rec[task_field])
+        task = fallback_task if task_field is None else _label_str(rec[task_field], task_field, allow_int=False, **at)
         instruction = _field_str(rec, instruction_field, **at)
         text = _field_str(rec, input_field, required=False, **at) if input_field else ""
         refs = _references(rec[output_field], field=output_field, **at)
         raw_id = rec.get(id_field) if id_field else None
-        ex_id = str(raw_id) if raw_id not in (None, "") else f"{p.stem}-{line}"
+        ex_id = _label_str(raw_id, id_field, allow_int=True, **at) if raw_id not in (None, "") else f"{p.stem}-{line}"
         groups.setdefault(task, []).append(
             Example(
                 id=ex_id,

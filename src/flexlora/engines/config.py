@@ -278,6 +278,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("lora.ranks", f"gives {len(cfg.lora.ranks)} ranks but num_clients is {cfg.num_clients}")
     if cfg.data_options.dirichlet_alpha <= 0:
         _fail("data_options.dirichlet_alpha", "must be > 0")
+    if not all(isinstance(t, str) and t.strip() for t in cfg.data_options.unseen_tasks):
+        _fail("data_options.unseen_tasks", f"must be a list of task names (strings), got {cfg.data_options.unseen_tasks!r}")
     if cfg.data_options.max_per_task < 0:
         _fail("data_options.max_per_task", "must be >= 0 (0 = no cap)")
     for section, sec in (("data_options", cfg.data_options), ("eval", cfg.eval)):
