@@ -43,7 +43,7 @@ class FedAvg(Aggregator):
     Parameters
     ----------
     check_finite : bool, default True
-        Reject updates holding NaN or Inf.
+        Reject updates holding NaN or Inf, or too large for float32 (``MAX_UPDATE_NORM``).
     """
 
     name = "fedavg"

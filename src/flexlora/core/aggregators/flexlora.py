@@ -88,7 +88,7 @@ class FlexLoRA(Aggregator):
         Where distributed factors carry the singular values; "B" is the paper's choice
         (``A = V_r^T``, ``B = U_r S_r / s`` with the receiver's scaling ``s``).
     check_finite : bool, default True
-        Reject updates holding NaN or Inf.
+        Reject updates holding NaN or Inf, or too large for float32 (``MAX_UPDATE_NORM``).
     seed : int, default 0
         Seeds the randomized SVD and the orthonormal padding used when a client's rank exceeds
         the rank of the global update.

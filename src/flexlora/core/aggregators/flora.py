@@ -42,7 +42,7 @@ class FLoRA(Aggregator):
         where clients start a fresh LoRA every round). False makes each round's state the
         stacked average alone.
     check_finite : bool, default True
-        Reject updates holding NaN or Inf.
+        Reject updates holding NaN or Inf, or too large for float32 (``MAX_UPDATE_NORM``).
     seed : int, default 0
         Seeds the padding directions of :meth:`distribute` beyond the global rank.
     """

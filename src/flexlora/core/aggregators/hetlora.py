@@ -53,7 +53,7 @@ class HetLoRA(Aggregator):
         "norm" weights each client by the Frobenius norm of its module update (sparsity-aware,
         as in the paper); "norm_size" multiplies that by ``n_k``; "size" uses ``p_k`` alone.
     check_finite : bool, default True
-        Reject updates holding NaN or Inf.
+        Reject updates holding NaN or Inf, or too large for float32 (``MAX_UPDATE_NORM``).
     seed : int, default 0
         Seeds the directions used when a client asks for more rank than the global holds.
     """
