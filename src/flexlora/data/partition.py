@@ -420,7 +420,8 @@ def partition_examples(
             f"{num_clients} clients x min_per_client={min_per_client} need "
             f"{num_clients * min_per_client} examples, but {data.name!r} has {n} training "
             "examples.",
-            fix="use fewer clients, a smaller min_per_client, or more data.",
+            fix="use fewer clients (in a run config: --set num_clients=N, or 0 for one per task), a smaller "
+            "min_per_client, or more data (data_options.max_per_task=0 keeps every example).",
         )
     groups = {t: [ex.id for ex in exs] for t, exs in data.train.items() if exs}
     params: dict[str, Any] = {"num_clients": num_clients, "min_per_client": min_per_client}
