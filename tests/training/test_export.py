@@ -133,15 +133,21 @@ def test_merged_model_reproduces_logits_without_touching_the_base(setup, tmp_pat
     assert reloaded_tok.encode("hi 北京") == tok.encode("hi 北京")
 
 
-def test_export_replaces_an_existing_directory(setup, tmp_path):
+def test_export_replaces_an_earlier_export_whole_and_refuses_a_foreign_directory(setup, tmp_path):
     model, _, _, factors, alpha, _, _ = setup
     out = tmp_path / "adapter"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    save_peft_adapter(model, factors, alpha, out, base_model_name_or_path=TINY)
+    (out / "stale.txt").write_text("old")  # left in an earlier export: replaced with it
     save_peft_adapter(model, factors, alpha, out, base_model_name_or_path=TINY)
     assert not (out / "stale.txt").exists()
     assert (out / "adapter_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="holds no earlier export"):
+        save_peft_adapter(model, factors, alpha, foreign, base_model_name_or_path=TINY)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def test_failed_write_keeps_the_previous_export(tmp_path):

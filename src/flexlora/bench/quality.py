@@ -487,6 +487,9 @@ def run_quality(
             # row's previous result stays in results.jsonl until the continuation has finished.
             log(f"{tag}: in {RESULTS} with {prev.get('rounds')} rounds, continuing to {pl.cfg.rounds}")
         run_dir = out / "runs" / row.dirname
+        if row.is_base:
+            # A base row has no checkpoint to resume; what an interrupted one left is redone.
+            shutil.rmtree(run_dir, ignore_errors=True)
         resume = not row.is_base and (run_dir / "checkpoints" / "latest.pt").is_file()
         log(f"{tag}: {'resuming from its checkpoint' if resume else 'running'} in {run_dir}")
 

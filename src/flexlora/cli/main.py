@@ -135,6 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
     if bad:
         raise ConfigError(f"flexlora eval only accepts eval.* overrides, got {bad}")
+    if args.json is not None and args.json.is_dir():
+        raise ConfigError(f"--json {args.json} is a directory; give a file name")
     # The run opens with its own config (its checkpoint's fingerprint covers eval.* too); the
     # eval overrides then only rebuild the eval set.
     cfg = _resume_config(args.run_dir, [])
@@ -143,11 +145,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sim.use_eval_settings(_resume_config(args.run_dir, args.overrides).eval)
     if args.base:
         sim.state = None
+        sim.slora_change = None  # the base model, not W0 plus SLoRA's stage-1 change
     res = sim.evaluate()
     text = json.dumps(res, indent=2, sort_keys=True)
     print(text)
     if args.json:
-        args.json.write_text(text)
+        from flexlora.engines.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
     return 0
 
 
@@ -155,10 +160,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     from flexlora.engines.simulation import Simulation
     from flexlora.training.export import save_merged_model, save_peft_adapter
 
+    from flexlora.engines.config import ConfigError
+    from flexlora.training.export import ADAPTER_MARKER, MERGED_MARKER, check_replaceable
+
+    out = args.output or (args.run_dir / "adapter")
+    run_dir = args.run_dir.expanduser().absolute()
+    # Every target is checked before anything is loaded or written: an export must never replace
+    # the run it comes from, nor a directory it did not write.
+    for target, marker, flag in ((out, ADAPTER_MARKER, "--output"), (args.merged, MERGED_MARKER, "--merged")):
+        if target is None:
+            continue
+        t = check_replaceable(target, marker)
+        if t == run_dir or run_dir.is_relative_to(t):
+            raise ConfigError(f"{flag} {target} would replace the run directory {args.run_dir}; choose a directory "
+                              "outside it (or RUN_DIR/adapter, the default)")
+    if args.merged is not None and Path(args.merged).expanduser().absolute() == Path(out).expanduser().absolute():
+        raise ConfigError("--output and --merged name the same directory; give them different ones")
     cfg = _resume_config(args.run_dir, [])
     sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log, read_only=True)
+    if sim.state is None:
+        raise ConfigError(f"{args.run_dir} has no global adapter yet (its checkpoint is from "
+                          f"{'SLoRA stage 1' if sim.slora_change is not None else 'before round 1'}); "
+                          "continue the run with --resume first")
     factors = sim.global_factors(args.rank)
-    out = args.output or (args.run_dir / "adapter")
     save_peft_adapter(sim.model, factors, cfg.lora.alpha, out, base_model_name_or_path=cfg.model,
                       rslora=cfg.lora.rslora)
     _log(f"adapter written to {out}")
@@ -210,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "config": cmd_config, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, AggregationError, FileNotFoundError, ModelLoadError,
-            ModelSpecError) as exc:
+    except (ConfigError, DataError, CheckpointError, AggregationError, FileNotFoundError, FileExistsError,
+            IsADirectoryError, NotADirectoryError, ModelLoadError, ModelSpecError) as exc:
         _log(f"error: {exc}")
         return EXIT_BAD_INPUT
     except FederationError as exc:

@@ -447,6 +447,15 @@ class Federation:
                 f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir}, "
                 "or choose another --output"
             )
+        if not self.resume:
+            # A run's results without its checkpoint (deleted, or a run killed before it wrote
+            # one) are still results: a new run must not overwrite them.
+            kept = [n for n in ("metrics.jsonl", "adapter", "checkpoints") if (self.run_dir / n).exists()]
+            if kept:
+                raise CheckpointError(
+                    f"{self.run_dir} already holds outputs of an earlier run ({', '.join(kept)}); choose another "
+                    "--output, or move them away first"
+                )
         homo_only = cfg.aggregator.lower() in ("fedavg", "fedit") or (
             cfg.aggregator.lower() == "slora" and cfg.slora.then == "fedit")
         if homo_only and cfg.rank_distribution != "homo" and not cfg.lora.ranks:
@@ -471,8 +480,6 @@ class Federation:
             self.data, self.num_clients, cfg.data_options.partition, alpha=cfg.data_options.dirichlet_alpha,
             seed=cfg.seed,
         )
-        if not self.read_only:
-            self.partition.save(self.run_dir / "partition.json")
         self._examples: dict[str, Example] = {ex.id: ex for exs in self.data.train.values() for ex in exs}
 
         groups = model_lora_targets(self.model)
@@ -505,10 +512,17 @@ class Federation:
         self.encoding = encoding_options(cfg)
         self._build_eval_set()
         self.fingerprint = run_fingerprint(cfg)
-        if not self.read_only:
-            atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
         if self.resume:
             self._restore()
+        # Written only once every check has passed: a refused --resume (other settings, another
+        # data set) must leave the run's config.toml and partition.json as they were.
+        if not self.read_only:
+            self.partition.save(self.run_dir / "partition.json")
+            atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
+            if self.resume:
+                # The checkpoint's records are the truth: a kill between the checkpoint and
+                # metrics.jsonl, or an edited file, is repaired here.
+                write_metrics(self.run_dir / "metrics.jsonl", self.records)
 
     def _make_aggregator(self) -> None:
         cfg = self.cfg
@@ -614,6 +628,21 @@ class Federation:
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.run_dir / "checkpoints")
+        where = self.run_dir / "checkpoints" / "latest.pt"
+        missing = [k for k in ("round", "fingerprint", "partition_hash", "assignment", "global_state", "records",
+                               "rng") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"checkpoint {where} is malformed (no {', '.join(missing)}); delete it to restart "
+                                  "the run")
+        done = ckpt["round"]
+        if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+            raise CheckpointError(f"checkpoint {where} is malformed (round {done!r}); delete it to restart the run")
+        if not isinstance(ckpt["records"], list) or not all(isinstance(r, dict) for r in ckpt["records"]):
+            raise CheckpointError(f"checkpoint {where} is malformed (its records are not a list of rounds); delete "
+                                  "it to restart the run")
+        if done > self.cfg.rounds:
+            raise CheckpointError(f"{self.run_dir} has already run {done} rounds, more than rounds = {self.cfg.rounds}; "
+                                  f"resume with --set rounds={done} or more")
         if ckpt["fingerprint"] != self.fingerprint:
             raise CheckpointError(
                 f"the checkpoint in {self.run_dir} was written with a different configuration; resume with the "
@@ -635,10 +664,19 @@ class Federation:
             rng = ckpt["rng"]
             torch.set_rng_state(rng["torch"])
             random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
             raise CheckpointError(
                 f"checkpoint {self.run_dir / 'checkpoints'} is malformed ({exc!r}); delete it to restart the run"
             ) from exc
+        if self.state is not None:
+            if self.state.shapes != self.shapes:
+                odd = sorted(set(self.state.shapes.items()) ^ set(self.shapes.items()))[:3]
+                raise CheckpointError(f"checkpoint {where}: its global adapter does not fit model {self.cfg.model!r} "
+                                      f"(modules or shapes differ: {odd}); delete it to restart the run")
+            bad = self.state.nonfinite_modules()
+            if bad:
+                raise CheckpointError(f"checkpoint {where}: its global adapter holds NaN or Inf in {bad[:3]}; delete "
+                                      "it to restart the run")
         # The checkpoint's rank assignment is the run's (on Flower it came from the nodes), so that
         # `flexlora eval`/`export` and a resumed run use the ranks the clients really had.
         if self._restored_assignment != self._assignment():
@@ -817,7 +855,8 @@ class Federation:
         """Evaluate when due, then write the checkpoint, metrics.jsonl and TensorBoard for round ``rnd``."""
         if self._eval_due(rnd):
             record.update(self.evaluate())
-        if rnd == self.cfg.rounds and self.cfg.eval.per_type and self.eval_items:
+        # Inside SLoRA's stage 1 there is no LoRA to distribute, so no per-type score.
+        if rnd == self.cfg.rounds and self.cfg.eval.per_type and self.eval_items and self.state is not None:
             record["rougeL_by_type"] = self.evaluate_per_type()
         self.records.append(record)
         save_checkpoint(self.run_dir / "checkpoints", self._checkpoint_payload(rnd))

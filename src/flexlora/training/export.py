@@ -19,7 +19,7 @@ from flexlora._atomic import make_sibling_dir
 from flexlora.core.types import Factors, lora_scaling
 from flexlora.training.adapter import client_adapter
 
-__all__ = ["atomic_directory_write", "save_merged_model", "save_peft_adapter"]
+__all__ = ["atomic_directory_write", "check_replaceable", "save_merged_model", "save_peft_adapter"]
 
 
 def _fsync_tree(root: Path) -> None:
@@ -29,6 +29,32 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+ADAPTER_MARKER = "adapter_config.json"
+MERGED_MARKER = "config.json"
+
+
+def check_replaceable(out_dir: str | os.PathLike[str], marker: str) -> Path:
+    """``out_dir`` as an absolute path, when writing there can lose nothing: it does not exist, is
+    empty, or holds an earlier output of the same kind (its ``marker`` file, e.g.
+    ``adapter_config.json``), which is replaced whole.
+
+    Raises
+    ------
+    FileExistsError
+        ``out_dir`` is a file, or a non-empty directory without ``marker`` (another run's
+        directory, or anything else a user keeps there).
+    """
+    target = Path(out_dir).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; choose a directory to write to")
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        raise FileExistsError(
+            f"{target} is not empty and holds no earlier export ({marker}); writing there would replace "
+            "everything in it. Choose a new or empty directory"
+        )
+    return target
+
+
 def atomic_directory_write(out_dir: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_dir)`` and move the finished directory to ``out_dir``.
 
@@ -36,7 +62,8 @@ def atomic_directory_write(out_dir: str | os.PathLike[str], write: Callable[[Pat
     new directory renamed into place, and the old one deleted (POSIX cannot atomically swap two
     non-empty directories, so there is a moment without ``out_dir``, but never a partial one). If
     the second rename fails, the old directory is put back. On failure the temporary directory is
-    removed and the exception propagates.
+    removed and the exception propagates. Callers check first that the old directory may go
+    (:func:`check_replaceable`).
 
     Returns
     -------
@@ -126,6 +153,7 @@ def save_peft_adapter(
             model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         _check_saved_config(tmp, ranks, rslora)
 
+    check_replaceable(out_dir, ADAPTER_MARKER)
     return atomic_directory_write(out_dir, write)
 
 
@@ -200,4 +228,5 @@ def save_merged_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
+    check_replaceable(out_dir, MERGED_MARKER)
     return atomic_directory_write(out_dir, write)

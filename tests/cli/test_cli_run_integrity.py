@@ -1,0 +1,148 @@
+"""A run directory survives every refused command: export never replaces the run or a directory
+it did not write, a refused --resume leaves config.toml and partition.json as they were, a new
+run does not overwrite an earlier one's outputs, and a checkpoint with wrong contents is refused
+by name before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexlora.cli.main import main
+
+TINY = [
+    "model=builtin:tiny-llama", "num_clients=3", "clients_per_round=2", "local_steps=2", "rounds=2",
+    "data_options.max_per_task=4", "train.micro_batch_size=2", "train.cutoff_len=96", "eval.max_tasks=1",
+    "eval.max_examples_per_task=2", "eval.max_new_tokens=3", "eval.per_type=false",
+    "lora.types=[[2, 4], [4, 8]]",
+]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [x for s in items for x in ("--set", s)]
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("integrity") / "run"
+    assert main(["run", *_sets(TINY), "--output", str(d), "--no-progress"]) == 0
+    return d
+
+
+@pytest.fixture
+def run(finished: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "run"
+    shutil.copytree(finished, d)
+    return d
+
+
+def test_export_never_replaces_the_run_or_a_foreign_directory(run: Path, tmp_path: Path, capsys) -> None:
+    before = _snapshot(run)
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for args, needle in ((["--merged", str(run)], "holds no earlier export (config.json)"),
+                         (["--output", str(run)], "holds no earlier export (adapter_config.json)"),
+                         (["--output", str(foreign)], "holds no earlier export"),
+                         (["--output", str(tmp_path / "ok"), "--merged", str(run / "config.toml")],
+                          "exists and is not a directory")):
+        assert main(["export", str(run), *args]) == 2
+        assert needle in capsys.readouterr().err
+    assert _snapshot(run) == before and (foreign / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "ok").exists()  # checked before the adapter was written
+    # An earlier export of the same kind is replaced, as documented (the default RUN_DIR/adapter too).
+    assert main(["export", str(run), "--output", str(tmp_path / "a")]) == 0
+    assert main(["export", str(run), "--output", str(tmp_path / "a"), "--rank", "1"]) == 0
+    assert main(["export", str(run)]) == 0
+
+
+def test_a_refused_resume_leaves_the_run_resumable(run: Path, capsys) -> None:
+    before = _snapshot(run)
+    assert main(["run", "--resume", str(run), "--set", "seed=7"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert main(["run", "--resume", str(run), "--set", "rounds=1"]) == 2
+    assert "has already run 2 rounds, more than rounds = 1" in capsys.readouterr().err
+    assert _snapshot(run) == before
+    assert main(["run", "--resume", str(run), "--set", "rounds=3", "--no-progress"]) == 0
+
+
+def test_a_new_run_does_not_overwrite_an_earlier_runs_outputs(run: Path, capsys) -> None:
+    shutil.rmtree(run / "checkpoints")
+    before = _snapshot(run)
+    assert main(["run", *_sets(TINY), "--set", "seed=3", "--output", str(run), "--no-progress"]) == 2
+    assert "already holds outputs of an earlier run (metrics.jsonl, adapter)" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_resume_rewrites_metrics_from_the_checkpoint(run: Path) -> None:
+    metrics = run / "metrics.jsonl"
+    full = metrics.read_text()
+    metrics.write_text(full.splitlines()[0] + "\n")  # as if killed between checkpoint and metrics
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    assert metrics.read_text() == full
+
+
+def _tamper(run: Path, edit) -> None:
+    path = run / "checkpoints" / "latest.pt"
+    ckpt = torch.load(path, weights_only=False)
+    edit(ckpt)
+    torch.save(ckpt, path)
+
+
+def _nan_state(c: dict) -> None:
+    first = next(iter(c["global_state"]["modules"].values()))
+    t = next(iter(first["tensors"].values()))
+    t[(0,) * t.ndim] = float("nan")
+
+
+def _wrong_shape(c: dict) -> None:
+    first = next(iter(c["global_state"]["modules"].values()))
+    first["shape"] = [first["shape"][0] + 1, first["shape"][1]]
+    for k in ("U", "B"):
+        if k in first["tensors"]:
+            t = first["tensors"][k]
+            first["tensors"][k] = torch.cat([t, t[:1]])
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c.pop("fingerprint"), "malformed (no fingerprint)"),
+    (lambda c: c.update(round=-5), "malformed (round -5)"),
+    (lambda c: c.update(records="abc"), "records are not a list of rounds"),
+    (lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "is malformed"),
+    (_nan_state, "holds NaN or Inf"),
+    (_wrong_shape, "does not fit model"),
+])
+@pytest.mark.parametrize("command", ["resume", "eval", "export"])
+def test_a_checkpoint_with_wrong_contents_is_refused_by_name(run: Path, capsys, edit, needle: str,
+                                                             command: str) -> None:
+    _tamper(run, edit)
+    before = _snapshot(run)
+    args = {"resume": ["run", "--resume", str(run), "--set", "rounds=3"], "eval": ["eval", str(run)],
+            "export": ["export", str(run), "--output", str(run.parent / "exported")]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert _snapshot(run) == before
+
+
+def test_a_slora_run_that_ends_inside_stage_1(tmp_path: Path, capsys) -> None:
+    """Per-type scores need a LoRA to distribute, which stage 1 does not have: the run finishes
+    without them; export says why there is no adapter; eval --base scores the base model itself."""
+    out = tmp_path / "s"
+    sets = [*TINY, "rounds=1", "aggregator=slora", "slora.then=flexlora", "slora.stage1_rounds=2",
+            "eval.per_type=true"]
+    assert main(["run", *_sets(sets), "--output", str(out), "--no-progress"]) == 0
+    assert main(["export", str(out), "--output", str(tmp_path / "a")]) == 2
+    assert "SLoRA stage 1" in capsys.readouterr().err
+    base = tmp_path / "base.json"
+    assert main(["eval", str(out), "--base", "--json", str(base)]) == 0
+    round0 = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert json.loads(base.read_text())["eval_loss"] == pytest.approx(round0["eval_loss"])
