@@ -229,3 +229,19 @@ def test_module_group(name, group):
 def test_module_group_unknown(name):
     with pytest.raises(ValueError, match="attention or MLP"):
         module_group(name)
+
+
+def test_types_from_ranks_refuses_what_int_would_bend() -> None:
+    from flexlora.core.distributions import types_from_ranks
+
+    assert [t.name for t in types_from_ranks([2, (3, 4), [5, 6]])] == ["r2-2", "r3-4", "r5-6"]
+    for bad in (True, (2.9, 4), (1, 2, 3), 2.0, "8"):
+        with pytest.raises(ValueError, match=r"ranks\[1\] must be a positive int or \(attention_rank, mlp_rank\)"):
+            types_from_ranks([2, bad])
+
+
+def test_types_from_budget_needs_candidates() -> None:
+    from flexlora.core.distributions import types_from_budget
+
+    with pytest.raises(ValueError, match="types is empty"):
+        types_from_budget([10.0], {"m": (8, 8)}, types=[])

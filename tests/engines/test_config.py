@@ -75,6 +75,21 @@ def test_every_issue_key_is_settable() -> None:
         (["local_steps=0"], "train.epochs must be > 0"),
         (["seed=true"], "config key 'seed': must be int"),
         (['data_options.unseen_tasks=[["reverse_words"]]'], "config key 'data_options.unseen_tasks': must be a list"),
+        # Caught here, before the model loads, rather than deep in training or sampling.
+        (["lora.types=[[true, 8]]"], "config key 'lora.types': ranks must be positive ints, not true/false"),
+        (["num_clients=1", "lora.ranks=[[true, 8]]"], "config key 'lora.ranks': ranks must be positive ints"),
+        (["lora.types=[[200, 200], [8, 8]]"], "config key 'lora.types': list the types smallest first"),
+        (["lora.alpha=nan"], "config key 'lora.alpha': must be a finite number, got nan"),
+        (["train.lr=inf"], "config key 'train.lr': must be a finite number, got inf"),
+        (["data_options.dirichlet_alpha=nan"], "config key 'data_options.dirichlet_alpha': must be a finite number"),
+        (["train.lr=1" + "0" * 400], "config key 'train.lr': must be a finite number, got an int of 401 digits"),
+        (["seed=-1"], "config key 'seed': must be >= 0"),
+        (["train.momentum=0.9"], "config key 'train.momentum': applies to optimizer 'sgd' only"),
+        (["train.optimizer=\"sgd\"", "train.momentum=1.5"], "config key 'train.momentum': must be in [0, 1)"),
+        (["train.hetlora_gamma=-3"], "config key 'train.hetlora_gamma': must be a fraction in (0, 1]"),
+        (["train.hetlora_min_rank=-5"], "config key 'train.hetlora_min_rank': must be >= 0"),
+        (["aggregator=fedavg", "num_clients=2", "lora.ranks=[4, 8]"], "every client needs the same ranks"),
+        (["aggregator=slora", "num_clients=2", "lora.ranks=[4, 8]"], "every client needs the same ranks"),
         # Aggregator settings are checked before the model loads; an unknown one lists the valid ones.
         (["aggregator_options.foo=1"], "aggregator 'flexlora' has no setting 'foo'; its settings are max_rank, "),
         (["aggregator=hetlora", "aggregator_options.gamma=2"], "no setting 'gamma'; its settings are weighting, "),
@@ -322,3 +337,39 @@ def test_eval_data_natural_instructions_test_tasks(tmp_path) -> None:
     data = load_run_eval_data(load_config(None, [f"eval.data={root}", "eval.max_examples_per_task=1"]))
     assert data is not None and data.train == {}
     assert data.counts()["unseen"] == {"task901_antonyms": 1, "task902_title_generation": 1}
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("dup.yaml", "rounds: 1\nrounds: 3\n", "line 2: key 'rounds' is given twice"),
+    ("intkey.yaml", "1: x\n", "line 1: key 1 is not a name"),
+    ("agg.yaml", "aggregator_options:\n  1: 2\n", "line 2: key 1 is not a name"),
+    ("null.yaml", "aggregator_options: {max_rank: null}\n", "config key 'aggregator_options': cannot write NoneType"),
+    ("list.yaml", "- a\n- b\n", "the config must be a table of settings"),
+    ("false.yaml", "false\n", "the config must be a table of settings"),
+    ("CAPS.TOML", "rounds = 2\n", None),
+    ("bom.toml", "\ufeffrounds = 2\n", None),
+])
+def test_config_files_are_read_strictly(tmp_path, name: str, text: str, needle) -> None:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    if needle is None:
+        assert load_config(path).rounds == 2
+        return
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, ["seed=1"])  # an override does not hide the file's own problem
+    assert needle in str(exc.value)
+
+
+def test_a_directory_or_non_utf8_file_is_named(tmp_path) -> None:
+    (tmp_path / "d.toml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path / "d.toml")
+    (tmp_path / "l.toml").write_bytes("model = 'caf\u00e9'".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(tmp_path / "l.toml")
+
+
+def test_strings_with_control_characters_round_trip_through_toml() -> None:
+    cfg = load_config(None, ['eval.data="line1\\nline2\\t\\"q\\"\\\\x"'])
+    assert "\n" in cfg.eval.data and '"' in cfg.eval.data
+    assert tomllib.loads(to_toml(cfg))["eval"]["data"] == cfg.eval.data

@@ -208,10 +208,24 @@ def type_counts(assignment: Sequence[ClientType]) -> dict[str, int]:
 
 
 def types_from_ranks(ranks: Sequence[int | tuple[int, int]], *, alpha: float = 16.0) -> list[ClientType]:
-    """Explicit per-client ranks: an int (both groups) or ``(attention_rank, mlp_rank)`` per client."""
+    """Explicit per-client ranks: an int (both groups) or ``(attention_rank, mlp_rank)`` per client.
+
+    Raises
+    ------
+    ValueError
+        An entry that is not a positive int or a pair of them (a bool, a float, a triple, ...).
+    """
+    def whole(x: object) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
     out = []
-    for r in ranks:
-        att, mlp = (int(r), int(r)) if isinstance(r, numbers.Integral) else (int(r[0]), int(r[1]))
+    for i, r in enumerate(ranks):
+        if whole(r):
+            att = mlp = int(r)  # type: ignore[call-overload]
+        elif isinstance(r, tuple | list) and len(r) == 2 and all(whole(x) for x in r):
+            att, mlp = int(r[0]), int(r[1])
+        else:
+            raise ValueError(f"ranks[{i}] must be a positive int or (attention_rank, mlp_rank), got {r!r}")
         out.append(ClientType(f"r{att}-{mlp}", att, mlp, alpha))
     return out
 
@@ -248,6 +262,8 @@ def types_from_budget(
     """
     if unit not in ("params", "bytes"):
         raise ValueError(f"unit must be 'params' or 'bytes', got {unit!r}")
+    if not types:
+        raise ValueError("types is empty: give at least one candidate ClientType")
     if not shapes:
         raise ValueError("shapes must name at least one module")
     costs = []

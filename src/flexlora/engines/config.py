@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -274,6 +275,39 @@ def validate(cfg: RunConfig) -> None:
             isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x >= 1 for x in r))
         if not ok:
             _fail("lora.ranks", f"entry {i} must be a positive int or [attention, mlp], got {r!r}")
+    if any(isinstance(x, bool) for r in cfg.lora.types + cfg.lora.ranks for x in (r if isinstance(r, list) else [r])):
+        _fail("lora.types" if any(isinstance(x, bool) for r in cfg.lora.types for x in r) else "lora.ranks",
+              "ranks must be positive ints, not true/false")
+    if [tuple(t) for t in cfg.lora.types] != sorted(tuple(t) for t in cfg.lora.types):
+        # The distributions index the types by size ("homo" = the first, heavy tails weigh the ends).
+        _fail("lora.types", f"list the types smallest first, got {cfg.lora.types!r}")
+    if cfg.lora.ranks and cfg.aggregator.lower() in ("fedavg", "fedit", "slora") and (
+            cfg.aggregator.lower() != "slora" or cfg.slora.then == "fedit"):
+        distinct = {(r, r) if isinstance(r, int) else tuple(r) for r in cfg.lora.ranks}
+        if len(distinct) > 1:
+            _fail("lora.ranks", f"aggregator {cfg.aggregator!r} averages factors entrywise, so every client needs the "
+                  f"same ranks, got {sorted(distinct)}; use one rank, or a heterogeneous aggregator (flexlora, "
+                  "hetlora, flora)")
+    if cfg.seed < 0:
+        _fail("seed", f"must be >= 0, got {cfg.seed}")
+    t = cfg.train
+    if t.momentum and t.optimizer != "sgd":
+        _fail("train.momentum", f"applies to optimizer 'sgd' only (the optimizer is {t.optimizer!r}); leave it at 0")
+    if not 0 <= t.momentum < 1:
+        _fail("train.momentum", f"must be in [0, 1), got {t.momentum!r}")
+    if not 0 < t.hetlora_gamma <= 1:
+        _fail("train.hetlora_gamma", f"must be a fraction in (0, 1], got {t.hetlora_gamma!r}")
+    for key, v in (("train.hetlora_strength", t.hetlora_strength), ("train.hetlora_min_rank", t.hetlora_min_rank),
+                   ("train.hetlora_prune_threshold", t.hetlora_prune_threshold)):
+        if v < 0:
+            _fail(key, f"must be >= 0, got {v!r}")
+    bad_keys = [k for k in cfg.aggregator_options if not isinstance(k, str)]
+    if bad_keys:
+        _fail("aggregator_options", f"setting names must be strings, got {bad_keys!r}")
+    try:
+        _toml_value(cfg.aggregator_options)
+    except TypeError as exc:
+        _fail("aggregator_options", f"{exc} (a null setting: leave the key out for its default)")
     if cfg.lora.ranks and cfg.num_clients and len(cfg.lora.ranks) != cfg.num_clients:
         _fail("lora.ranks", f"gives {len(cfg.lora.ranks)} ranks but num_clients is {cfg.num_clients}")
     if cfg.data_options.dirichlet_alpha <= 0:
@@ -312,11 +346,16 @@ def _check_types(obj: Any, prefix: str) -> None:
             _check_types(value, key + ".")
             continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
-            setattr(obj, f.name, float(value))
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                _fail(key, f"must be a finite number, got an int of {len(str(value))} digits")
+            setattr(obj, f.name, value)
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if not ok:
             _fail(key, f"must be {want.__name__}, got {type(value).__name__} {value!r}")
+        if want is float and not math.isfinite(value):
+            _fail(key, f"must be a finite number, got {value!r}")
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             _fail(key, f"must be one of {list(choices)}, got {value!r}")
@@ -384,26 +423,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         For a missing or unreadable file, a syntax error (with the parser's position), an
         unknown key, or a value of the wrong type or range.
     """
-    data: dict[str, Any] = {}
+    data: Any = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a directory; give a .toml or .yaml file")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        text = p.read_text(encoding="utf-8")
-        if p.suffix == ".toml":
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text ({exc}); save the config as UTF-8") from exc
+        suffix = p.suffix.lower()
+        if suffix == ".toml":
             try:
                 data = tomllib.loads(text)
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+        elif suffix in (".yaml", ".yml"):
+            data = _load_yaml(p, text)
         else:
             raise ConfigError(f"{p}: unknown config format {p.suffix!r}; use .toml, .yaml or .yml")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the config must be a table of settings (key: value lines), got "
+                              f"{type(data).__name__} {data!r:.60}")
     for item in overrides or []:
         parts, value = parse_override(item)
         node = data
@@ -413,6 +456,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"--set {item!r}: '{part}' is not a table")
         node[parts[-1]] = value
     return from_dict(data)
+
+
+def _load_yaml(p: Path, text: str) -> Any:
+    """YAML with the checks TOML makes itself: a key given twice, or a key that is not text, is an error."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise ConfigError(f"{p}, line {line}: key {key!r} is not a name; quote it or fix the line")
+            if key in out:
+                raise ConfigError(f"{p}, line {line}: key {key!r} is given twice; keep one")
+            out[key] = loader.construct_object(value_node, deep=True)
+        return out
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+    return {} if data is None else data
 
 
 def to_toml(cfg: RunConfig) -> str:
@@ -437,7 +507,10 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # TOML basic strings: backslash, quote and control characters must be escaped.
+        return '"' + "".join(
+            "\\\\" if c == "\\" else '\\"' if c == '"' else f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F
+            else c for c in v) + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -492,8 +492,10 @@ class Federation:
 
         if cfg.lora.ranks:
             if len(cfg.lora.ranks) != self.num_clients:
-                raise ValueError(
-                    f"lora.ranks gives {len(cfg.lora.ranks)} ranks but the run has {self.num_clients} clients"
+                raise ConfigError(
+                    f"config key 'lora.ranks': gives {len(cfg.lora.ranks)} ranks but the run has {self.num_clients} "
+                    f"clients (num_clients = {cfg.num_clients}{', one per task' if not cfg.num_clients else ''}); "
+                    "give one rank per client, or set num_clients"
                 )
             assignment = types_from_ranks([r if isinstance(r, int) else tuple(r) for r in cfg.lora.ranks],
                                           alpha=cfg.lora.alpha)

@@ -130,7 +130,7 @@ def check_ranks(base_model: nn.Module, ranks: Mapping[str, int]) -> dict[str, tu
         if r > min(dims):
             raise ValueError(
                 f"module {name!r}: rank {r} exceeds min(out, in) = {min(dims)} of its {dims[0]} x {dims[1]} "
-                "weight; cap the rank (flexlora.core.distributions.cap_ranks)"
+                "weight; cap it (ClientType.module_ranks caps a type's ranks at each module's min(out, in))"
             )
     return shapes
 
