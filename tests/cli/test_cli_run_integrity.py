@@ -146,3 +146,33 @@ def test_a_slora_run_that_ends_inside_stage_1(tmp_path: Path, capsys) -> None:
     assert main(["eval", str(out), "--base", "--json", str(base)]) == 0
     round0 = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert json.loads(base.read_text())["eval_loss"] == pytest.approx(round0["eval_loss"])
+
+
+def test_a_run_directory_in_use_by_another_run_is_refused(run: Path, tmp_path: Path, capsys) -> None:
+    """While a run holds RUN/.lock (flock), a second writer (a --resume here, a new run into an
+    empty directory below) stops before it writes anything; eval and export only read and go on."""
+    import fcntl
+
+    def hold(d: Path):
+        d.mkdir(parents=True, exist_ok=True)
+        fh = open(d / ".lock", "a")  # noqa: SIM115 - another process's lock, held for the test
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fh
+
+    fh = hold(run)
+    try:
+        before = _snapshot(run)
+        assert main(["run", "--resume", str(run), "--set", "rounds=3", "--no-progress"]) == 2
+        assert "is being written by another flexlora run" in capsys.readouterr().err
+        assert _snapshot(run) == before
+        assert main(["eval", str(run)]) == 0
+    finally:
+        fh.close()
+    empty = tmp_path / "new"
+    fh = hold(empty)
+    try:
+        assert main(["run", *_sets(TINY), "--output", str(empty), "--no-progress"]) == 2
+        assert sorted(p.name for p in empty.iterdir()) == [".lock"]
+    finally:
+        fh.close()
+    assert main(["run", "--resume", str(run), "--set", "rounds=3", "--no-progress"]) == 0  # released: it runs

@@ -456,6 +456,12 @@ class Federation:
                     f"{self.run_dir} already holds outputs of an earlier run ({', '.join(kept)}); choose another "
                     "--output, or move them away first"
                 )
+        if not self.read_only and self.run_dir.is_dir():
+            # Fails now, before anything is written, if another run holds the directory (a directory
+            # that does not exist yet is not created here: a refused start must leave nothing).
+            probe = self._lock()
+            if probe is not None:
+                probe.close()
         homo_only = cfg.aggregator.lower() in ("fedavg", "fedit") or (
             cfg.aggregator.lower() == "slora" and cfg.slora.then == "fedit")
         if homo_only and cfg.rank_distribution != "homo" and not cfg.lora.ranks:
@@ -958,6 +964,7 @@ class Federation:
         from tqdm.auto import tqdm
 
         self._check_restored_assignment()
+        lock = self._lock()
         tb = TensorBoardLog(self.run_dir / "tensorboard")
         t_start = time.perf_counter()
         try:
@@ -988,9 +995,36 @@ class Federation:
                 else:
                     self.log(msg)
             rounds_bar.close()
+            return self.finish(time.perf_counter() - t_start)
         finally:
             tb.close()
-        return self.finish(time.perf_counter() - t_start)
+            if lock is not None:
+                lock.close()  # releases the lock
+
+    def _lock(self) -> Any:
+        """Hold ``run_dir/.lock`` exclusively (``flock``) while this process writes the run; the
+        open file is returned and the lock released when it is closed (or the process ends).
+
+        Raises
+        ------
+        CheckpointError
+            Another process (or another open run in this one) is writing this directory.
+        """
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: runs are not guarded against a second writer
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.run_dir / ".lock", "a")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise CheckpointError(
+                f"{self.run_dir} is being written by another flexlora run right now; wait for it to finish, or "
+                "choose another --output"
+            ) from None
+        return fh
 
     def finish(self, seconds: float) -> RunResult:
         """Export the adapter (PEFT format), plots and the summary."""
