@@ -118,6 +118,8 @@ def _wrong_shape(c: dict) -> None:
     (lambda c: c.update(records="abc"), "records are not a list of rounds"),
     (lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "is malformed"),
     (_nan_state, "holds NaN or Inf"),
+    (lambda c: c.update(slora_change={"no.such.module": torch.zeros(3)}), "SLoRA stage-1 change is malformed"),
+    (lambda c: c.update(pruned_ranks={"0": {"no.such.module": 2}}), "pruned ranks of client 0 do not fit"),
     (_wrong_shape, "does not fit model"),
 ])
 @pytest.mark.parametrize("command", ["resume", "eval", "export"])
@@ -176,3 +178,10 @@ def test_a_run_directory_in_use_by_another_run_is_refused(run: Path, tmp_path: P
     finally:
         fh.close()
     assert main(["run", "--resume", str(run), "--set", "rounds=3", "--no-progress"]) == 0  # released: it runs
+
+
+def test_eval_and_export_of_a_run_without_a_checkpoint_say_so(run: Path, capsys) -> None:
+    shutil.rmtree(run / "checkpoints")
+    for args in (["eval", str(run)], ["export", str(run), "--output", str(run.parent / "x")]):
+        assert main(args) == 2
+        assert "has no checkpoint yet (no round has finished)" in capsys.readouterr().err

@@ -635,8 +635,12 @@ class Federation:
         }
 
     def _restore(self) -> None:
-        ckpt = load_checkpoint(self.run_dir / "checkpoints")
         where = self.run_dir / "checkpoints" / "latest.pt"
+        if self.read_only and not where.is_file():
+            raise CheckpointError(f"{self.run_dir} has no checkpoint yet (no round has finished), so there is no "
+                                  "global adapter to evaluate or export; run it first (flexlora run --resume "
+                                  "continues a run that has one)")
+        ckpt = load_checkpoint(self.run_dir / "checkpoints")
         missing = [k for k in ("round", "fingerprint", "partition_hash", "assignment", "global_state", "records",
                                "rng") if k not in ckpt]
         if missing:
@@ -685,6 +689,18 @@ class Federation:
             if bad:
                 raise CheckpointError(f"checkpoint {where}: its global adapter holds NaN or Inf in {bad[:3]}; delete "
                                       "it to restart the run")
+        if self.slora_change is not None:
+            odd = sorted(set(self.slora_change) - set(self.shapes))
+            bad = [m for m, v in self.slora_change.items()
+                   if not isinstance(v, torch.Tensor) or not bool(torch.isfinite(v).all())]
+            if odd or bad:
+                raise CheckpointError(f"checkpoint {where}: its SLoRA stage-1 change is malformed (modules the model "
+                                      f"lacks: {odd[:3]}; non-finite or not tensors: {bad[:3]}); delete it to restart "
+                                      "the run")
+        for k, ranks in self.pruned.items():
+            if not 0 <= k < self.num_clients or set(ranks) != set(self.shapes) or any(r < 1 for r in ranks.values()):
+                raise CheckpointError(f"checkpoint {where}: its pruned ranks of client {k} do not fit this run; "
+                                      "delete it to restart the run")
         # The checkpoint's rank assignment is the run's (on Flower it came from the nodes), so that
         # `flexlora eval`/`export` and a resumed run use the ranks the clients really had.
         if self._restored_assignment != self._assignment():
