@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from flexlora.cli.main import main
 
+from .cli_common import as_sets, snapshot
+
 TINY = [
     "model=builtin:tiny-llama", "num_clients=3", "clients_per_round=2", "local_steps=2", "rounds=1",
     "data_options.max_per_task=4", "train.micro_batch_size=2", "train.cutoff_len=96", "eval.max_tasks=2",
@@ -19,14 +21,10 @@ TINY = [
 ]
 
 
-def _sets(items: list[str]) -> list[str]:
-    return [x for s in items for x in ("--set", s)]
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["run", *_sets(TINY), "--output", str(d), "--no-progress"]) == 0
+    assert main(["run", *as_sets(TINY), "--output", str(d), "--no-progress"]) == 0
     return d
 
 
@@ -39,15 +37,11 @@ def test_eval_reproduces_the_runs_final_score(run_dir: Path, tmp_path: Path, cap
     assert res["eval_loss"] == pytest.approx(last["eval_loss"])
 
 
-def _snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 def test_eval_overrides_apply_and_leave_the_run_untouched(run_dir: Path, tmp_path: Path, capsys) -> None:
     """``--set eval.*`` changes what is evaluated (here one example per task instead of two), while
     the run opens with its own config: nothing in the run directory is rewritten, so the run can
     still be resumed with its checkpoint (a rewritten config.toml would no longer match it)."""
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     out = tmp_path / "eval1.json"
     assert main(["eval", str(run_dir), "--set", "eval.max_examples_per_task=1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["eval_examples"] == 2  # eval.max_tasks=2, one example each
@@ -55,7 +49,7 @@ def test_eval_overrides_apply_and_leave_the_run_untouched(run_dir: Path, tmp_pat
     assert main(["eval", str(run_dir), "--json", str(default)]) == 0
     assert json.loads(default.read_text())["eval_examples"] == 4
     assert main(["export", str(run_dir), "--output", str(tmp_path / "exported")]) == 0
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
     assert "resuming" not in capsys.readouterr().err
 
 

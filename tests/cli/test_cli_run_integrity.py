@@ -14,6 +14,8 @@ import torch
 
 from flexlora.cli.main import main
 
+from .cli_common import as_sets, snapshot
+
 TINY = [
     "model=builtin:tiny-llama", "num_clients=3", "clients_per_round=2", "local_steps=2", "rounds=2",
     "data_options.max_per_task=4", "train.micro_batch_size=2", "train.cutoff_len=96", "eval.max_tasks=1",
@@ -22,18 +24,10 @@ TINY = [
 ]
 
 
-def _sets(items: list[str]) -> list[str]:
-    return [x for s in items for x in ("--set", s)]
-
-
-def _snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("integrity") / "run"
-    assert main(["run", *_sets(TINY), "--output", str(d), "--no-progress"]) == 0
+    assert main(["run", *as_sets(TINY), "--output", str(d), "--no-progress"]) == 0
     return d
 
 
@@ -45,7 +39,7 @@ def run(finished: Path, tmp_path: Path) -> Path:
 
 
 def test_export_never_replaces_the_run_or_a_foreign_directory(run: Path, tmp_path: Path, capsys) -> None:
-    before = _snapshot(run)
+    before = snapshot(run)
     foreign = tmp_path / "precious"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -56,7 +50,7 @@ def test_export_never_replaces_the_run_or_a_foreign_directory(run: Path, tmp_pat
                           "exists and is not a directory")):
         assert main(["export", str(run), *args]) == 2
         assert needle in capsys.readouterr().err
-    assert _snapshot(run) == before and (foreign / "notes.txt").read_text() == "mine"
+    assert snapshot(run) == before and (foreign / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "ok").exists()  # checked before the adapter was written
     # An earlier export of the same kind is replaced, as documented (the default RUN_DIR/adapter too).
     assert main(["export", str(run), "--output", str(tmp_path / "a")]) == 0
@@ -65,21 +59,21 @@ def test_export_never_replaces_the_run_or_a_foreign_directory(run: Path, tmp_pat
 
 
 def test_a_refused_resume_leaves_the_run_resumable(run: Path, capsys) -> None:
-    before = _snapshot(run)
+    before = snapshot(run)
     assert main(["run", "--resume", str(run), "--set", "seed=7"]) == 2
     assert "different configuration" in capsys.readouterr().err
     assert main(["run", "--resume", str(run), "--set", "rounds=1"]) == 2
     assert "has already run 2 rounds, more than rounds = 1" in capsys.readouterr().err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     assert main(["run", "--resume", str(run), "--set", "rounds=3", "--no-progress"]) == 0
 
 
 def test_a_new_run_does_not_overwrite_an_earlier_runs_outputs(run: Path, capsys) -> None:
     shutil.rmtree(run / "checkpoints")
-    before = _snapshot(run)
-    assert main(["run", *_sets(TINY), "--set", "seed=3", "--output", str(run), "--no-progress"]) == 2
+    before = snapshot(run)
+    assert main(["run", *as_sets(TINY), "--set", "seed=3", "--output", str(run), "--no-progress"]) == 2
     assert "already holds outputs of an earlier run (metrics.jsonl, adapter)" in capsys.readouterr().err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_resume_rewrites_metrics_from_the_checkpoint(run: Path) -> None:
@@ -126,13 +120,13 @@ def _wrong_shape(c: dict) -> None:
 def test_a_checkpoint_with_wrong_contents_is_refused_by_name(run: Path, capsys, edit, needle: str,
                                                              command: str) -> None:
     _tamper(run, edit)
-    before = _snapshot(run)
+    before = snapshot(run)
     args = {"resume": ["run", "--resume", str(run), "--set", "rounds=3"], "eval": ["eval", str(run)],
             "export": ["export", str(run), "--output", str(run.parent / "exported")]}[command]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err, err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_a_slora_run_that_ends_inside_stage_1(tmp_path: Path, capsys) -> None:
@@ -141,7 +135,7 @@ def test_a_slora_run_that_ends_inside_stage_1(tmp_path: Path, capsys) -> None:
     out = tmp_path / "s"
     sets = [*TINY, "rounds=1", "aggregator=slora", "slora.then=flexlora", "slora.stage1_rounds=2",
             "eval.per_type=true"]
-    assert main(["run", *_sets(sets), "--output", str(out), "--no-progress"]) == 0
+    assert main(["run", *as_sets(sets), "--output", str(out), "--no-progress"]) == 0
     assert main(["export", str(out), "--output", str(tmp_path / "a")]) == 2
     assert "SLoRA stage 1" in capsys.readouterr().err
     base = tmp_path / "base.json"
@@ -163,17 +157,17 @@ def test_a_run_directory_in_use_by_another_run_is_refused(run: Path, tmp_path: P
 
     fh = hold(run)
     try:
-        before = _snapshot(run)
+        before = snapshot(run)
         assert main(["run", "--resume", str(run), "--set", "rounds=3", "--no-progress"]) == 2
         assert "is being written by another flexlora run" in capsys.readouterr().err
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
         assert main(["eval", str(run)]) == 0
     finally:
         fh.close()
     empty = tmp_path / "new"
     fh = hold(empty)
     try:
-        assert main(["run", *_sets(TINY), "--output", str(empty), "--no-progress"]) == 2
+        assert main(["run", *as_sets(TINY), "--output", str(empty), "--no-progress"]) == 2
         assert sorted(p.name for p in empty.iterdir()) == [".lock"]
     finally:
         fh.close()
