@@ -18,17 +18,26 @@ from flexlora.engines.simulation import LocalEngine, Simulation
 QUIET = ["eval.every=0", "eval.baseline=false", "eval.per_type=false", "rounds=2"]
 
 
-class _Inflating(LocalEngine):
-    """The local engine, with the first client of round 2 sending every factor times 1e25: finite
-    float32 values whose products (1e50) overflow float32."""
+class _Tampering(LocalEngine):
+    """The local engine, with the ``index``-th reply of round 2 changed by ``tamper(outcome)``;
+    ``victim`` is that client."""
+
+    def __init__(self, index: int, tamper) -> None:
+        super().__init__(progress=False)
+        self.index, self.tamper = index, tamper
 
     def train_round(self, fed, rnd, tasks):
         for i, o in enumerate(super().train_round(fed, rnd, tasks)):
-            if rnd == 2 and i == 0:
+            if rnd == 2 and i == self.index:
                 self.victim = o.task.spec.client_id
-                o.update.factors = {m: (a * 1e25, b * 1e25) for m, (a, b) in o.update.factors.items()}
-                assert all(bool(torch.isfinite(t).all()) for ab in o.update.factors.values() for t in ab)
+                self.tamper(o)
             yield o
+
+
+def _inflate(o) -> None:
+    # Every factor times 1e25: finite float32 values whose products (1e50) overflow float32.
+    o.update.factors = {m: (a * 1e25, b * 1e25) for m, (a, b) in o.update.factors.items()}
+    assert all(bool(torch.isfinite(t).all()) for ab in o.update.factors.values() for t in ab)
 
 
 def _metrics(d: Path) -> list[dict]:
@@ -37,7 +46,7 @@ def _metrics(d: Path) -> list[dict]:
 
 def test_an_update_too_large_for_float32_is_dropped_by_name(tmp_path: Path) -> None:
     sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
-    engine = _Inflating(progress=False)
+    engine = _Tampering(0, _inflate)
     sim.run(engine)
     dropped = _metrics(sim.run_dir)[-1]["dropped"]
     assert [d["client"] for d in dropped] == [engine.victim]
@@ -51,7 +60,7 @@ def test_a_non_finite_aggregate_is_not_installed_and_round_1_stays_checkpointed(
     cfg = load_config(None, [*TINY, *QUIET, "aggregator_options.check_finite=false"])
     sim = Simulation(cfg, tmp_path / "r", progress=False, log=lambda m: None)
     with pytest.raises(FederationError, match="round 2: the aggregated global update is not finite") as exc:
-        sim.run(_Inflating(progress=False))
+        sim.run(_Tampering(0, _inflate))
     assert f"--resume {sim.run_dir}" in str(exc.value)
     ckpt = load_checkpoint(sim.run_dir / "checkpoints")
     assert ckpt["round"] == 1
@@ -61,20 +70,9 @@ def test_a_non_finite_aggregate_is_not_installed_and_round_1_stays_checkpointed(
     assert sim.state is not None and sim.state.nonfinite_modules() == []  # round 1's state, still installed
 
 
-class _Mislabelled(LocalEngine):
-    """The local engine, with the second reply of round 2 claiming to come from another client."""
-
-    def train_round(self, fed, rnd, tasks):
-        for i, o in enumerate(super().train_round(fed, rnd, tasks)):
-            if rnd == 2 and i == 1:
-                self.victim = o.task.spec.client_id
-                o.update.client_id = "client09999"
-            yield o
-
-
 def test_a_reply_labelled_for_another_client_is_dropped(tmp_path: Path) -> None:
     sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
-    engine = _Mislabelled(progress=False)
+    engine = _Tampering(1, lambda o: setattr(o.update, "client_id", "client09999"))
     sim.run(engine)
     dropped = _metrics(sim.run_dir)[-1]["dropped"]
     assert [d["client"] for d in dropped] == [engine.victim]
