@@ -267,17 +267,17 @@ def validate(cfg: RunConfig) -> None:
               "products (flexlora, flora)")
     if not 0 <= cfg.lora.dropout < 1:
         _fail("lora.dropout", "must be in [0, 1)")
+    for key, entries in (("lora.types", cfg.lora.types), ("lora.ranks", cfg.lora.ranks)):
+        if any(isinstance(x, bool) for r in entries for x in (r if isinstance(r, list) else [r])):
+            _fail(key, "ranks must be positive ints, not true/false")
     for i, r in enumerate(cfg.lora.types):
         if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x >= 1 for x in r)):
             _fail("lora.types", f"entry {i} must be [attention_rank, mlp_rank] of positive ints, got {r!r}")
     for i, r in enumerate(cfg.lora.ranks):
-        ok = (isinstance(r, int) and not isinstance(r, bool) and r >= 1) or (
+        ok = (isinstance(r, int) and r >= 1) or (
             isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x >= 1 for x in r))
         if not ok:
             _fail("lora.ranks", f"entry {i} must be a positive int or [attention, mlp], got {r!r}")
-    if any(isinstance(x, bool) for r in cfg.lora.types + cfg.lora.ranks for x in (r if isinstance(r, list) else [r])):
-        _fail("lora.types" if any(isinstance(x, bool) for r in cfg.lora.types for x in r) else "lora.ranks",
-              "ranks must be positive ints, not true/false")
     if [tuple(t) for t in cfg.lora.types] != sorted(tuple(t) for t in cfg.lora.types):
         # The distributions index the types by size ("homo" = the first, heavy tails weigh the ends).
         _fail("lora.types", f"list the types smallest first, got {cfg.lora.types!r}")
