@@ -77,3 +77,36 @@ def test_a_reply_labelled_for_another_client_is_dropped(tmp_path: Path) -> None:
     dropped = _metrics(sim.run_dir)[-1]["dropped"]
     assert [d["client"] for d in dropped] == [engine.victim]
     assert dropped[0]["reason"] == f"the reply is labelled 'client09999', but the task was {engine.victim!r}'s"
+
+
+@pytest.mark.parametrize("count", [0, 10_000, True])
+def test_a_reply_claiming_another_example_count_is_dropped(tmp_path: Path, count) -> None:
+    # The count is the client's weight: a reply whose count is not its partition's size is dropped.
+    sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
+    engine = _Tampering(1, lambda o: setattr(o.update, "num_examples", count))
+    sim.run(engine)
+    dropped = _metrics(sim.run_dir)[-1]["dropped"]
+    assert [d["client"] for d in dropped] == [engine.victim]
+    k = int(engine.victim.removeprefix("client"))
+    held = sim.partition.num_examples(k)
+    assert held not in (0, 10_000, 1)
+    want = (f"partition {k} of the run's data holds {held}" if count == 10_000
+            else "num_examples must be a positive integer")
+    assert want in dropped[0]["reason"], dropped[0]
+
+
+def test_the_count_check_agrees_with_the_partition_and_spares_own_data(tmp_path: Path) -> None:
+    from flexlora.core.types import ClientUpdate
+
+    sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
+    task = sim.plan_round(1)[0]
+    factors = {m: (torch.zeros(r, sim.shapes[m][1]), torch.zeros(sim.shapes[m][0], r))
+               for m, r in task.spec.ranks.items()}
+    held = sim.partition.num_examples(task.client)
+    assert held == len(sim.client_examples(task.client))
+    right = ClientUpdate(factors, num_examples=held, alpha=task.spec.alpha)
+    wrong = ClientUpdate(factors, num_examples=held + 1, alpha=task.spec.alpha)
+    assert sim.check_update(task, right) is None
+    assert f"claims {held + 1} training examples" in sim.check_update(task, wrong)
+    # A node on a data set of its own: the server cannot know its size, so the count is trusted.
+    assert sim.check_update(task, wrong, own_data=True) is None

@@ -112,10 +112,11 @@ def test_rslora_resume_and_mismatched_replies_are_refused(tmp_path: Path) -> Non
     task = rs.plan_round(1)[0]
     factors = {m: (torch.randn(r, rs.shapes[m][1]), torch.zeros(rs.shapes[m][0], r)) for m, r in task.spec.ranks.items()}
     # An engine that drops the flag (it then defaults to False) gets its replies rejected, by name.
-    lacking = ClientUpdate(factors, num_examples=3, alpha=task.spec.alpha)
+    n = rs.partition.num_examples(task.client)
+    lacking = ClientUpdate(factors, num_examples=n, alpha=task.spec.alpha)
     reason = rs.check_update(task, lacking)
     assert reason is not None and "rslora" in reason
-    ok = ClientUpdate(factors, num_examples=3, alpha=task.spec.alpha, rslora=True)
+    ok = ClientUpdate(factors, num_examples=n, alpha=task.spec.alpha, rslora=True)
     assert rs.check_update(task, ok) is None
 
 

@@ -220,7 +220,9 @@ class ClientOutcome:
     """What came back for one :class:`ClientTask`: an update, or the reason there is none.
 
     ``bytes_up``/``bytes_down`` are the factor bytes that crossed (or, in process, would cross)
-    the wire; ``where`` names the node for logs (``None`` in process).
+    the wire; ``where`` names the node for logs (``None`` in process). ``own_data`` is set for a
+    node that trains on its own data set rather than partition ``task.client`` of the run's data:
+    only then is the update's example count (its aggregation weight) taken on trust.
     """
 
     task: ClientTask
@@ -231,6 +233,7 @@ class ClientOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     where: str | None = None
+    own_data: bool = False
 
 
 class RoundFold:
@@ -266,7 +269,7 @@ class RoundFold:
             reason = "no reply"
         if reason is None:
             assert o.update is not None
-            reason = fed.check_update(o.task, o.update)
+            reason = fed.check_update(o.task, o.update, own_data=o.own_data)
         if reason is None:
             assert o.update is not None
             t0 = time.perf_counter()
@@ -805,15 +808,27 @@ class Federation:
             return f"num_examples is {update.num_examples}"
         return None
 
-    def check_update(self, task: ClientTask, update: ClientUpdate) -> str | None:
+    def _check_count(self, task: ClientTask, update: Any) -> str | None:
+        # The count is the client's weight p_k: a wrong one (a node on other data than it says, a
+        # bug, an inflated claim) would skew the average without any other sign.
+        n, expected = update.num_examples, self.partition.num_examples(task.client)
+        if isinstance(n, bool) or not isinstance(n, int) or n != expected:
+            return (f"it claims {n!r} training examples, but partition {task.client} of the run's data holds "
+                    f"{expected} (a node on other data must be started with its own data set: --node-config "
+                    "\"data=PATH\")")
+        return None
+
+    def check_update(self, task: ClientTask, update: ClientUpdate, *, own_data: bool = False) -> str | None:
         """Why ``update`` cannot be aggregated as the reply to ``task`` (None when it can).
 
         Checks the module set, each module's shape and rank against what the client was asked
         to train, the alpha and scaling rule, the example count and that every value is finite
-        (for an SLoRA stage-1 task: the sparse change's modules, sizes and values).
+        (for an SLoRA stage-1 task: the sparse change's modules, sizes and values). The example
+        count must equal the client's partition size, unless ``own_data`` (the node trained on
+        its own data set, whose size the server cannot know).
         """
         if task.sparse is not None:
-            return self._check_sparse(task, update)
+            return self._check_sparse(task, update) or (None if own_data else self._check_count(task, update))
         if not isinstance(update, ClientUpdate):
             return f"expected LoRA factors, got {type(update).__name__}"
         if update.client_id is not None and update.client_id != task.spec.client_id:
@@ -839,7 +854,7 @@ class Federation:
             validate_round([update], check_finite=self.aggregator.check_finite)
         except AggregationError as exc:
             return str(exc).removeprefix(update.label(0) + ", ").removeprefix(update.label(0) + ": ")
-        return None
+        return None if own_data else self._check_count(task, update)
 
     def aggregate_round(self, rnd: int, outcomes: Sequence[ClientOutcome]) -> dict[str, Any]:
         """Validate the round's outcomes, aggregate the valid ones and return the round's record

@@ -282,3 +282,28 @@ def test_cli_reports_a_failed_federation_with_exit_3(tmp_path: Path) -> None:
                 "--output", str(tmp_path / "x"), "--engine", "flower-inprocess"])
     assert res.returncode == 3, res.stderr[-2000:]
     assert "min_clients = 4" in res.stderr
+
+
+def test_example_counts_are_checked_unless_the_node_has_its_own_data(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A node on the run's partition that claims ten times its examples is dropped by name; a node
+    # on a data set of its own (5 examples, not its partition's size) is taken at its count.
+    monkeypatch.setenv("FLEXLORA_TEST_FAULTS", "1")
+    from flexlora.engines.federation import sample_round_clients
+
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"task": "echo", "instruction": "Repeat the word.", "input": f"w{i}",
+                                       "output": f"w{i}", "id": f"e{i}"}) + "\n" for i in range(5)))
+    liar, other = sample_round_clients(4, 3, 0, 1)[:2]
+    nodes = [{"partition-id": i, **({"fault": "count@1"} if i == liar else {}),
+              **({"data": str(own)} if i == other else {})} for i in range(4)]
+    logs: list[str] = []
+    res, _ = _flower(tmp_path, "c", ["rounds=1", "eval.every=0", "eval.baseline=false", "eval.per_type=false"],
+                     node_configs=nodes, logs=logs)
+    rec = _metrics(res.run_dir)[-1]
+    held = json.loads((res.run_dir / "partition.json").read_text())["clients"][str(liar)]
+    assert [d["client"] for d in rec["dropped"]] == [f"client{liar:05d}"]
+    assert (f"claims {10 * len(held)} training examples, but partition {liar} of the run's data holds {len(held)}"
+            in rec["dropped"][0]["reason"]), rec["dropped"]
+    assert any(f"client {other} (" in m and "its own data" in m for m in logs), logs
+    assert sum(g["clients"] for g in rec["groups"].values()) == 2

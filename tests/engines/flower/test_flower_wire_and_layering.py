@@ -175,7 +175,9 @@ def test_node_side_capabilities_refuse_bad_values() -> None:
     from flexlora.engines.flower.node import NodeError, capabilities
 
     assert capabilities({"partition-id": 2, "budget": "2e6"}) == {"partition-id": 2, "budget": 2e6,
-                                                                   "budget-unit": "params"}
+                                                                   "budget-unit": "params", "own-data": False}
+    assert capabilities({"partition-id": 1, "data": "/d/mine.jsonl"})["own-data"] is True
+    assert capabilities({"partition-id": 1, "data": "  "})["own-data"] is False  # as node_examples reads it
     for cfg, match in (({"partition-id": 2.7}, "whole number"), ({"partition-id": True}, "whole number"),
                        ({"partition-id": 0, "budget": "12GB"}, "budget must be a positive number"),
                        ({"partition-id": 0, "budget": -5}, "budget must be a positive number"),

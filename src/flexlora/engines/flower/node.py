@@ -89,6 +89,9 @@ def capabilities(node_config: Mapping[str, Any]) -> dict[str, Any]:
         out[k] = _budget(v) if k == "budget" else str(v)
     if "budget" in out:
         out["budget-unit"] = str(node_config.get("budget-unit", "params"))
+    # The server checks each reply's example count against the partition's size, except for a
+    # node that trains on a data set of its own.
+    out["own-data"] = bool(str(node_config.get("data", "")).strip())
     return out
 
 
@@ -172,4 +175,6 @@ def train_task(task: ClientTask, run_config_toml: str, node_config: Mapping[str,
         else:
             a, b = a[:-1].clone(), b[:, :-1].clone()
         update.factors = {**update.factors, m: (a, b)}
+    if fault == "count":  # claims ten times the examples it holds: ten times its weight
+        update.num_examples *= 10
     return update, result

@@ -86,6 +86,7 @@ class FlexLoRAStrategy(Strategy):
         self._node_of_task: dict[int, int] = {}  # id(task) -> node id it was sent to, this round
         self.log = log or federation.log
         self.node_of: dict[int, int] = {}  # client index -> node id
+        self._own_data: set[int] = set()  # clients whose node trains on its own data set
         self._seen: set[int] = set()  # node ids already asked for their capabilities
         self._started = False
         self._run_config = to_toml(federation.cfg)
@@ -175,13 +176,18 @@ class FlexLoRAStrategy(Strategy):
                 self.log(f"warning: node {node} claims partition {k}, already held by node {old}; ignored")
                 continue
             self.node_of[k] = node
+            if caps.get("own-data") is True:
+                self._own_data.add(k)
+            else:
+                self._own_data.discard(k)
             if ctype is not None:
                 if not self._started:
                     self.fed.set_client_type(k, ctype)
                 elif self.fed.types[self.fed.client_type[k]] != ctype:
                     self.log(f"warning: node {node} declares {ctype.name} for client {k}, but the run assigned "
                              f"{self.fed.types[self.fed.client_type[k]].name}; the run's assignment is kept")
-            self.log(f"node {node}: client {k} ({self.fed.client_spec(k).type_name})")
+            data = ", its own data: its example count is taken on trust" if k in self._own_data else ""
+            self.log(f"node {node}: client {k} ({self.fed.client_spec(k).type_name}{data})")
         for n in set(nodes) - answered:
             self.log(f"warning: node {n} did not answer the capability query; it is asked again next round")
 
@@ -237,7 +243,8 @@ class FlexLoRAStrategy(Strategy):
             self.log(f"warning: round {server_round}: reply from node {rep.metadata.src_node_id} to no message "
                      "of this round's; ignored")
             return None
-        o = ClientOutcome(task, where=f"node {node}", bytes_down=self._down.get(node, 0))
+        o = ClientOutcome(task, where=f"node {node}", bytes_down=self._down.get(node, 0),
+                          own_data=task.client in self._own_data)
         try:
             if rep.has_error():
                 raise WireError(self._error_reason(rep))
