@@ -127,3 +127,13 @@ def test_a_data_set_without_unseen_examples_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="has no unseen-task examples to evaluate"):
         run_quality("smoke", tmp_path / "g", data=[f"ni={ni}"], only=["ni/base"], log=_quiet)
     assert not (tmp_path / "g").exists()
+
+
+def test_rows_of_a_table_run_with_other_settings_are_refused(finished: Path, tmp_path: Path) -> None:
+    # Another row of the same data set with another --set would share a table with the finished row.
+    out = _copy(finished, tmp_path)
+    with pytest.raises(BenchError, match=r"row demo/FedAvg/homo/s0 of data set demo was run with other settings "
+                                         r"than these \(now: eval.max_new_tokens=3\); one table must not mix them"):
+        run_quality("smoke", out, only=["demo/base"], sets=["eval.max_new_tokens=3"], log=_quiet)
+    assert [r["id"] for r in read_results(out / "results.jsonl")] == [ROW]
+    assert not (out / "runs" / "demo-base").exists() or not any((out / "runs" / "demo-base").iterdir())

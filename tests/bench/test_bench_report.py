@@ -114,3 +114,25 @@ def test_collect_result_from_records():
     assert bytes_summary(records, "down")["per_round"] == {"1": 0.0, "2": 400.0}
     assert "tail_energy" not in collect_result(row, [{k: v for k, v in rec.items() if k != "tail_energy"}
                                                      for rec in records])
+
+
+def test_grid_settings_drop_the_rows_own_overrides_and_rounds():
+    from flexlora.bench.report import grid_settings
+
+    row = {"config_sets": ["model=m", "rounds=4", "data=d", "aggregator=fedit", "seed=1", "eval.every=0"],
+           "sets": ["aggregator=fedit", "seed=1"]}
+    assert grid_settings(row) == ("model=m", "data=d", "eval.every=0")
+    assert grid_settings({"config_sets": ["model=m"], "sets": []}) == ("model=m",)
+    assert grid_settings({"sets": []}) is None  # a row written before config_sets were kept
+
+
+def test_report_states_each_tables_settings_and_warns_when_they_differ():
+    same = [dict(r, config_sets=["model=m", "data=d", *r["sets"]], rounds=4) for r in ROWS]
+    md = render_markdown(same)
+    assert "Settings of every row (preset quick; each row adds its method, distribution and seed): `model=m data=d`." in md
+    assert "Rounds: 4." in md and "Warning" not in md
+    # One row run on other data, one continued to more rounds: both are called out.
+    mixed = [*same[:-2], dict(same[-2], config_sets=["model=m", "data=other"], rounds=8), same[-1]]
+    md = render_markdown(mixed)
+    assert "**Warning: these rows were run with 2 different settings**" in md
+    assert "**Warning: the rows ran different numbers of rounds** (4 rounds: 9 rows, 8 rounds: 1 row)" in md

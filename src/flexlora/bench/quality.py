@@ -37,7 +37,7 @@ from flexlora.bench.grid import (
     get_preset,
     grid_rows,
 )
-from flexlora.bench.report import write_report
+from flexlora.bench.report import grid_settings, write_report
 from flexlora.engines.checkpoint import atomic_write_text
 from flexlora.engines.config import ConfigError, RunConfig, load_config, parse_override
 from flexlora.engines.federation import run_fingerprint
@@ -341,6 +341,26 @@ def _check_interrupted_row(ckpt: Path, rid: str, fingerprint: str) -> None:
                          f"add --only {rid} --force to run it again from the start")
 
 
+def _check_same_table(plans: Sequence[Plan], others: Sequence[dict[str, Any]], results_path: Path) -> None:
+    """Refuse to add rows to a data set's table whose other rows were run with other settings (another
+    preset, --set or --data path): results.md would average them into one cell as if they were alike."""
+    ours = {pl.row.dataset: grid_settings({"config_sets": list(pl.sets), "sets": list(pl.row.sets)})
+            for pl in plans}
+    for r in others:
+        theirs, mine = grid_settings(r), ours.get(r["dataset"])
+        if theirs is None or mine is None or theirs == mine:
+            continue
+        only_then = [x for x in theirs if x not in mine]
+        only_now = [x for x in mine if x not in theirs]
+        what = "; ".join(part for part in (
+            f"then: {' '.join(only_then[:4])}{' ...' if len(only_then) > 4 else ''}" if only_then else "",
+            f"now: {' '.join(only_now[:4])}{' ...' if len(only_now) > 4 else ''}" if only_now else "",
+        ) if part) or "the same overrides in another order"
+        raise BenchError(f"{results_path}: row {r['id']} of data set {r['dataset']} was run with other settings than "
+                         f"these ({what}); one table must not mix them. Use another --output for these settings, "
+                         "or run with the settings of the rows already there")
+
+
 def _check_data(plans: Sequence[Plan]) -> None:
     """Load each data set of the grid once, before anything runs: a bad file or a data set without
     unseen examples to evaluate fails here in seconds, not once per row."""
@@ -445,6 +465,7 @@ def run_quality(
     done = {r["id"]: r for r in results}
     selected_ids = {pl.row.id for pl in plans}
     fingerprints = {pl.row.id: run_fingerprint(pl.cfg) for pl in plans}
+    _check_same_table(plans, [r for r in results if r["id"] not in selected_ids], results_path)
     if not force:
         for rid in selected_ids & set(done):
             if done[rid].get("fingerprint") != fingerprints[rid]:

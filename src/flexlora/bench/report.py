@@ -22,6 +22,48 @@ from flexlora.engines.checkpoint import atomic_write_text
 Group = tuple[str, str, str]  # (dataset, method, distribution)
 
 
+# ------------------------------------------------------------------------- settings
+def grid_settings(row: dict[str, Any]) -> tuple[str, ...] | None:
+    """The overrides a row shares with every row of its table: its full list (``config_sets``:
+    preset, data set, row, user) without the row's own (``sets``: method, distribution, seed)
+    and without ``rounds=`` (a grid grows by continuing its rows to more rounds). ``None`` for a
+    row that does not record them (written before they were kept)."""
+    full, own = row.get("config_sets"), row.get("sets")
+    if not isinstance(full, list) or not isinstance(own, list):
+        return None
+    rest = list(full)
+    for i in range(len(full) - len(own) + 1):
+        if full[i:i + len(own)] == own:
+            rest = full[:i] + full[i + len(own):]
+            break
+    return tuple(str(s) for s in rest if not str(s).replace(" ", "").startswith("rounds="))
+
+
+def _settings_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    # What every row of a table was run with, so a reader can reproduce it and can see that the
+    # cells compare like with like; the number of rounds is listed apart, as rows may be mid-growth.
+    lines = []
+    settings = {grid_settings(r) for r in rows} - {None}
+    presets = sorted({str(r["preset"]) for r in rows if r.get("preset")})
+    if len(settings) == 1:
+        lines.append(f"Settings of every row (preset {', '.join(presets) or 'unknown'}; each row adds its method, "
+                     f"distribution and seed): `{' '.join(next(iter(settings)))}`.")
+    elif len(settings) > 1:
+        lines.append(f"**Warning: these rows were run with {len(settings)} different settings** (presets: "
+                     f"{', '.join(presets) or 'unknown'}); their cells do not compare like with like. Run each "
+                     "setting into its own --output.")
+    trained = [r for r in rows if isinstance(r.get("rounds"), int) and r.get("method") != BASE_METHOD]
+    rounds = sorted({int(r["rounds"]) for r in trained})
+    if len(rounds) > 1:
+        counts = {k: sum(1 for r in trained if r["rounds"] == k) for k in rounds}
+        lines.append("**Warning: the rows ran different numbers of rounds** ("
+                     + ", ".join(f"{k} rounds: {n} row{'' if n == 1 else 's'}" for k, n in counts.items())
+                     + "); finish the grid with one `--set rounds=N` before reading the table.")
+    elif rounds:
+        lines.append(f"Rounds: {rounds[0]}.")
+    return lines
+
+
 # ------------------------------------------------------------------------ statistics
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     """Mean, sample standard deviation (ddof 1; 0 for a single value) and count, NaNs dropped."""
@@ -111,6 +153,8 @@ def render_markdown(results: Sequence[dict[str, Any]]) -> str:
     for ds in datasets:
         keys = _sorted_groups(groups, ds)
         lines += ["", f"## Data set: {ds}", ""]
+        for paragraph in _settings_lines([r for r in results if r["dataset"] == ds]):
+            lines += [paragraph, ""]
         base = bases.get(ds)
         if base is not None:
             lines.append(f"Base model (untuned): Rouge-L {base['rougeL_final']:.4f} "
