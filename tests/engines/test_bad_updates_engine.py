@@ -110,3 +110,4 @@ def test_the_count_check_agrees_with_the_partition_and_spares_own_data(tmp_path:
     assert f"claims {held + 1} training examples" in sim.check_update(task, wrong)
     # A node on a data set of its own: the server cannot know its size, so the count is trusted.
     assert sim.check_update(task, wrong, own_data=True) is None
+

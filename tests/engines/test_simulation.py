@@ -207,3 +207,13 @@ def test_distributed_factors_load_into_a_client_and_back(tmp_path: Path) -> None
         assert back.keys() == sent.keys()
         for name in sent:
             assert torch.equal(back[name][0], sent[name][0]) and torch.equal(back[name][1], sent[name][1])
+
+
+@pytest.mark.parametrize("agg,dtype,warned", [("flora", "bfloat16", True), ("flora", "float32", False),
+                                             ("flexlora", "bfloat16", False)])
+def test_merging_into_half_precision_weights_is_announced(tmp_path: Path, agg: str, dtype: str, warned: bool) -> None:
+    logs: list[str] = []
+    Simulation(load_config(None, [*TINY, "rounds=1", f"aggregator={agg}", f"dtype={dtype}"]), tmp_path / "r",
+               progress=False, log=logs.append)
+    hits = [m for m in logs if "adds the global update to the bfloat16 base weights" in m]
+    assert bool(hits) is warned, logs

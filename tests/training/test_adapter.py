@@ -413,3 +413,36 @@ def test_a_sparse_task_naming_a_missing_module_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="layers.9.*no module"):
         run_client_task(model, tok, task, ex, LocalTrainConfig(local_steps=1))
     _assert_same(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merged_into_base_rounds_a_half_precision_sum_once(dtype):
+    # A small update on half-precision weights: the merged weight is the float32 sum rounded once
+    # (the nearest representable value), not the update rounded and then the sum rounded again.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False)).to(dtype)
+    a, b = torch.randn(4, 64), torch.randn(48, 4) * 1e-3
+    w0 = model[0].weight.detach().clone()
+    want = (w0.float() + (16.0 / 4) * (b @ a)).to(dtype)
+    twice = w0 + ((16.0 / 4) * (b @ a)).to(dtype)
+    assert not torch.equal(want, twice)  # the two roundings differ on this data
+    with merged_into_base(model, {"0": (a, b)}, 16.0):
+        assert torch.equal(model[0].weight, want)
+    assert torch.equal(model[0].weight, w0)
+
+
+def test_merged_sparse_change_rounds_a_bf16_sum_once():
+    from flexlora.core.sparse import dense_change
+    from flexlora.training.sparse import merged_sparse_change
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False)).to(torch.bfloat16)
+    shapes = {"0": (48, 64)}
+    change = {"0": torch.randn(300) * 1e-3}
+    w0 = model[0].weight.detach().clone()
+    d = dense_change("0", shapes["0"], change["0"], 5)
+    assert int((d != 0).sum()) == 300  # the change sits on its mask
+    want = (w0.float() + d).to(torch.bfloat16)
+    with merged_sparse_change(model, change, shapes, 5):
+        assert torch.equal(model[0].weight, want)
+    assert torch.equal(model[0].weight, w0)

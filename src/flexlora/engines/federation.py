@@ -518,6 +518,10 @@ class Federation:
         self.client_type = [self.types.index(t) for t in assignment]
         self._type_ranks = [t.module_ranks(self.shapes, self.groups) for t in self.types]
         self._make_aggregator()
+        if (self.is_flora or self.is_slora) and cfg.dtype != "float32" and not self.read_only:
+            self.log(f"warning: {cfg.aggregator} adds the global update to the {cfg.dtype} base weights, so it is "
+                     f"kept only to {cfg.dtype}'s precision relative to each weight (about "
+                     f"{'0.4' if cfg.dtype == 'bfloat16' else '0.05'}%); dtype=float32 keeps it exactly")
 
         self.train_cfg = local_train_config(cfg)
         self.encoding = encoding_options(cfg)

@@ -64,7 +64,8 @@ def merged_sparse_change(model: torch.nn.Module, change: Mapping[str, torch.Tens
                 for m, shape in shapes.items():
                     w = modules[m].weight
                     saved[m] = w.detach().clone()
-                    w.add_(dense_change(m, shape, change[m], seed).to(w))
+                    d = dense_change(m, shape, change[m], seed).to(w.device, torch.float32)
+                    w.copy_((w.to(torch.float32) + d).to(w.dtype))  # one rounding, as merged_into_base
         yield
     finally:
         with torch.no_grad():
