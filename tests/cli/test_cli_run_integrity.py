@@ -179,3 +179,30 @@ def test_eval_and_export_of_a_run_without_a_checkpoint_say_so(run: Path, capsys)
     for args in (["eval", str(run)], ["export", str(run), "--output", str(run.parent / "x")]):
         assert main(args) == 2
         assert "has no checkpoint yet (no round has finished)" in capsys.readouterr().err
+
+
+def test_a_run_stopped_in_round_1_resumes_with_fewer_min_clients(tmp_path: Path, capsys) -> None:
+    # Round 1 gets 2 replies where min_clients asks for 3: exit 3, and a round-0 checkpoint stays.
+    d = tmp_path / "m3"
+    assert main(["run", *as_sets([*TINY, "min_clients=3"]), "--output", str(d), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "fewer than min_clients = 3" in err and f"--resume {d}" in err
+    assert torch.load(d / "checkpoints" / "latest.pt", weights_only=False)["round"] == 0
+    # Nothing to evaluate yet, and a change of anything but min_clients is still refused.
+    assert main(["eval", str(d)]) == 2
+    assert "has finished no round yet" in capsys.readouterr().err
+    before = snapshot(d)
+    assert main(["run", "--resume", str(d), "--set", "min_clients=1", "--set", "train.lr=1e-2", "--no-progress"]) == 2
+    assert "(only `rounds`, `min_clients` and the [flower] settings may change)" in capsys.readouterr().err
+    assert snapshot(d) == before
+    # With min_clients lowered the run continues from round 1 and ends where one started with it ends.
+    assert main(["run", "--resume", str(d), "--set", "min_clients=1", "--no-progress"]) == 0
+    assert "min_clients changed from 3 to 1" in capsys.readouterr().err
+    ref = tmp_path / "m1"
+    assert main(["run", *as_sets([*TINY, "min_clients=1"]), "--output", str(ref), "--no-progress"]) == 0
+    a = torch.load(d / "checkpoints" / "latest.pt", weights_only=False)
+    b = torch.load(ref / "checkpoints" / "latest.pt", weights_only=False)
+    assert a["round"] == b["round"] == 2
+    for m, st in b["global_state"]["modules"].items():
+        for k, t in st["tensors"].items():
+            assert torch.equal(a["global_state"]["modules"][m]["tensors"][k], t), (m, k)

@@ -38,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set rounds=5 --set train.lr=1e-3 (repeatable)")
     run.add_argument("--output", type=Path, help="run directory (default: runs/<timestamp>)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                     help="continue a killed or finished run from its last checkpoint (only `rounds` may change)")
+                     help="continue a killed or finished run from its last checkpoint (only `rounds`, `min_clients` and [flower] settings may change)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     run.add_argument("--engine", choices=("local", "flower-sim", "flower-inprocess"), default="local",
                      help="local: this process (default); flower-sim: Flower's Ray simulation with one virtual "

@@ -314,7 +314,7 @@ class RoundFold:
                 f"round {rnd}: {len(self.valid)} of {len(outcomes)} sampled clients returned a valid update, fewer "
                 f"than min_clients = {need} ({'; '.join(d['client'] + ': ' + d['reason'] for d in self.dropped)[:600]}). "
                 f"The checkpoint of round {rnd - 1} in {fed.run_dir} is intact: bring the nodes back (or lower "
-                f"min_clients) and continue with --resume {fed.run_dir}"
+                f"min_clients with --set min_clients=N) and continue with --resume {fed.run_dir}"
             )
         t0 = time.perf_counter()
         if self.stage1:
@@ -656,6 +656,9 @@ class Federation:
         done = ckpt["round"]
         if isinstance(done, bool) or not isinstance(done, int) or done < 0:
             raise CheckpointError(f"checkpoint {where} is malformed (round {done!r}); delete it to restart the run")
+        if self.read_only and done == 0:
+            raise CheckpointError(f"{self.run_dir} has finished no round yet (its checkpoint is of round 0), so there "
+                                  "is no global adapter to evaluate or export; continue it with flexlora run --resume")
         if not isinstance(ckpt["records"], list) or not all(isinstance(r, dict) for r in ckpt["records"]):
             raise CheckpointError(f"checkpoint {where} is malformed (its records are not a list of rounds); delete "
                                   "it to restart the run")
@@ -663,10 +666,18 @@ class Federation:
             raise CheckpointError(f"{self.run_dir} has already run {done} rounds, more than rounds = {self.cfg.rounds}; "
                                   f"resume with --set rounds={done} or more")
         if ckpt["fingerprint"] != self.fingerprint:
-            raise CheckpointError(
-                f"the checkpoint in {self.run_dir} was written with a different configuration; resume with the "
-                "run's own config.toml (only `rounds` and the [flower] settings may change)"
-            )
+            # min_clients only decides whether a round is accepted, never what it computes: after
+            # nodes were lost a run may continue with fewer. It is part of the fingerprint (older
+            # checkpoints hold it), so a change of it alone is recognised here.
+            then = (ckpt.get("config") or {}).get("min_clients") if isinstance(ckpt.get("config"), dict) else None
+            if (isinstance(then, int) and not isinstance(then, bool) and then != self.cfg.min_clients
+                    and run_fingerprint(dataclasses.replace(self.cfg, min_clients=then)) == ckpt["fingerprint"]):
+                self.log(f"min_clients changed from {then} to {self.cfg.min_clients} for the rounds left")
+            else:
+                raise CheckpointError(
+                    f"the checkpoint in {self.run_dir} was written with a different configuration; resume with the "
+                    "run's own config.toml (only `rounds`, `min_clients` and the [flower] settings may change)"
+                )
         if ckpt["partition_hash"] != self.partition.manifest()["hash"]:
             raise CheckpointError("the data partition differs from the checkpoint's (did the data change?)")
         try:
@@ -1009,6 +1020,10 @@ class Federation:
                 self.records.append(rec)
                 tb.log(rec)
                 write_metrics(self.run_dir / "metrics.jsonl", self.records)
+            if self.start_round == 1 and not (self.run_dir / "checkpoints" / "latest.pt").is_file():
+                # A round-0 checkpoint, so that a run stopped in its first round (too few replies,
+                # a kill) continues with --resume like one stopped later.
+                save_checkpoint(self.run_dir / "checkpoints", self._checkpoint_payload(0))
             rounds_bar = tqdm(total=cfg.rounds, initial=self.start_round - 1, desc="rounds", unit="round",
                               disable=not self.progress, position=0)
             for rnd in range(self.start_round, cfg.rounds + 1):
