@@ -126,6 +126,11 @@ def test_yaml_file(tmp_path) -> None:
     p.write_text("rounds: 6\ntrain:\n  micro_batch_size: 2\n")
     cfg = load_config(p)
     assert (cfg.rounds, cfg.train.micro_batch_size) == (6, 2)
+    # Exponents without a dot are numbers, as in TOML and YAML 1.2 (PyYAML alone reads `3e-4` as text);
+    # a quoted one stays text.
+    p.write_text('train:\n  lr: 3e-4\n  weight_decay: 1E-2\n  max_grad_norm: 2.5e+1\nmodel: "3e5"\n')
+    cfg = load_config(p)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.model) == (3e-4, 1e-2, 25.0, "3e5")
 
 
 def test_bad_files(tmp_path) -> None:
