@@ -125,3 +125,12 @@ def test_export_rank_must_be_positive(run_dir: Path, rank: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["export", str(run_dir), "--rank", rank])
     assert exc.value.code == 2 and "--rank: must be a positive whole number" in capsys.readouterr().err
+
+
+def test_version_is_the_installed_packages(capsys) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flexlora {version('flexlora')}"

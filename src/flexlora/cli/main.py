@@ -30,6 +30,9 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="flexlora",
         description="Federated LoRA fine-tuning with heterogeneous client ranks (FlexLoRA and baselines).",
     )
+    from flexlora import __version__
+
+    p.add_argument("--version", action="version", version=f"flexlora {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated fine-tuning (the default config needs no arguments)")
