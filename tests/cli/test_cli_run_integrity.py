@@ -188,10 +188,13 @@ def test_a_run_stopped_in_round_1_resumes_with_fewer_min_clients(tmp_path: Path,
     err = capsys.readouterr().err
     assert "fewer than min_clients = 3" in err and f"--resume {d}" in err
     assert torch.load(d / "checkpoints" / "latest.pt", weights_only=False)["round"] == 0
-    # Nothing to evaluate yet, and a change of anything but min_clients is still refused.
+    # Nothing to evaluate yet; a new run into it is pointed to --resume; a change of anything but
+    # min_clients is still refused.
     assert main(["eval", str(d)]) == 2
     assert "has finished no round yet" in capsys.readouterr().err
     before = snapshot(d)
+    assert main(["run", *as_sets([*TINY, "min_clients=1"]), "--output", str(d), "--no-progress"]) == 2
+    assert f"or continue that run with flexlora run --resume {d}" in capsys.readouterr().err
     assert main(["run", "--resume", str(d), "--set", "min_clients=1", "--set", "train.lr=1e-2", "--no-progress"]) == 2
     assert "(only `rounds`, `min_clients` and the [flower] settings may change)" in capsys.readouterr().err
     assert snapshot(d) == before
