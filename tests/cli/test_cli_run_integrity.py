@@ -194,7 +194,7 @@ def test_a_run_stopped_in_round_1_resumes_with_fewer_min_clients(tmp_path: Path,
     assert "has finished no round yet" in capsys.readouterr().err
     before = snapshot(d)
     assert main(["run", *as_sets([*TINY, "min_clients=1"]), "--output", str(d), "--no-progress"]) == 2
-    assert f"or continue that run with flexlora run --resume {d}" in capsys.readouterr().err
+    assert f"already holds a run; continue it with --resume {d}" in capsys.readouterr().err
     assert main(["run", "--resume", str(d), "--set", "min_clients=1", "--set", "train.lr=1e-2", "--no-progress"]) == 2
     assert "(only `rounds`, `min_clients` and the [flower] settings may change)" in capsys.readouterr().err
     assert snapshot(d) == before

@@ -458,8 +458,6 @@ class Federation:
                 raise CheckpointError(
                     f"{self.run_dir} already holds outputs of an earlier run ({', '.join(kept)}); choose another "
                     "--output, or move them away first"
-                    + (f", or continue that run with flexlora run --resume {self.run_dir}"
-                       if (self.run_dir / "checkpoints" / "latest.pt").is_file() else "")
                 )
         if not self.read_only and self.run_dir.is_dir():
             # Fails now, before anything is written, if another run holds the directory (a directory
