@@ -217,3 +217,11 @@ def test_merging_into_half_precision_weights_is_announced(tmp_path: Path, agg: s
                progress=False, log=logs.append)
     hits = [m for m in logs if "adds the global update to the bfloat16 base weights" in m]
     assert bool(hits) is warned, logs
+
+
+def test_a_max_rank_below_the_largest_client_rank_is_refused(tmp_path: Path) -> None:
+    from flexlora.engines.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"aggregator_options.max_rank = 2 is below the largest client rank"):
+        Simulation(load_config(None, [*TINY, "rounds=1", "aggregator_options={max_rank = 2}"]), tmp_path / "r",
+                   progress=False, log=lambda m: None)

@@ -711,8 +711,10 @@ class LowRankSum:
         """Add the term ``B @ A`` (``B: out x r``, ``A: r x in``)."""
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != self.shape:
             raise ValueError(f"LowRankSum of shape {self.shape} cannot add B{tuple(B.shape)} @ A{tuple(A.shape)}")
-        B = B.to(device=self.device or B.device, dtype=self.dtype)
-        A = A.to(device=B.device, dtype=self.dtype)
+        # Held until the next compression: copies, so that a caller reusing its buffers after
+        # add() (as the README allows) cannot change the sum.
+        B = B.to(device=self.device or B.device, dtype=self.dtype, copy=True)
+        A = A.to(device=B.device, dtype=self.dtype, copy=True)
         self.terms += 1
         if self.dense_sum is None:
             full = min(self.shape)

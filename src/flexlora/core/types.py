@@ -12,6 +12,7 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,10 @@ def lora_scaling_denominator(rank: int, rslora: bool = False) -> float:
     so that with ``rslora=False`` every float operation, and thus every result, is the same as
     before rsLoRA existed.
     """
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if not isinstance(rslora, bool):
+        raise ValueError(f"rslora must be True or False, got {rslora!r}")
     return math.sqrt(rank) if rslora else float(rank)
 
 
@@ -64,6 +69,8 @@ def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
     -------
     float
     """
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
     return float(alpha) / lora_scaling_denominator(rank, rslora)
 
 
@@ -117,6 +124,9 @@ class ClientUpdate:
         return f"client {index}" + (f" ({self.client_id!r})" if self.client_id is not None else "")
 
 
+MAX_EXAMPLES = 2**53
+"""Largest accepted ``num_examples``: weights are computed in float64, exact for integers up to it."""
+
 MAX_UPDATE_NORM = 1e30
 """Largest accepted bound ``(alpha/r) ||B||_F ||A||_F`` on a client's effective update of one module.
 
@@ -139,19 +149,34 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
         of zero or above ``min(out, in)``, or (with ``check_finite``) NaN/Inf values or an
         update too large for float32 (:data:`MAX_UPDATE_NORM`).
     """
+    if isinstance(updates, ClientUpdate) or not isinstance(updates, Sequence):
+        raise AggregationError(f"expected a sequence (list) of ClientUpdate, got {type(updates).__name__}; "
+                               "pass [update] for a round of one")
     if len(updates) == 0:
         raise AggregationError("empty round: aggregate() needs at least one ClientUpdate")
     shapes: dict[str, tuple[int, int]] = {}
     first_modules: set[str] | None = None
+    seen: dict[Any, int] = {}
     for i, u in enumerate(updates):
         who = u.label(i) if isinstance(u, ClientUpdate) else f"client {i}"
         if not isinstance(u, ClientUpdate):
             raise AggregationError(f"{who}: expected a flexlora.ClientUpdate, got {type(u).__name__}")
+        # The same update (or client) twice would count its weight twice.
+        for key in (("object", id(u)), ("id", u.client_id) if u.client_id is not None else None):
+            if key is None:
+                continue
+            if key in seen:
+                raise AggregationError(f"{who}: the same {'update' if key[0] == 'object' else 'client'} is already "
+                                       f"in the round as client {seen[key]}; each client may reply once per round")
+            seen[key] = i
         n = u.num_examples
-        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n <= 0 or n != int(n):
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not (0 < n <= MAX_EXAMPLES) or n != int(n):
             raise AggregationError(
-                f"{who}: num_examples must be a positive integer (it sets the client's weight), got {n!r}"
+                f"{who}: num_examples must be a positive integer up to 2**53 (it sets the client's weight), got {n!r}"
             )
+        if not isinstance(u.factors, Mapping):
+            raise AggregationError(f"{who}: factors must be a mapping {{module name: (A, B)}}, got "
+                                   f"{type(u.factors).__name__}")
         if isinstance(u.alpha, bool) or not isinstance(u.alpha, numbers.Real) or not math.isfinite(u.alpha) or u.alpha <= 0:
             raise AggregationError(f"{who}: alpha must be a positive finite number, got {u.alpha!r}")
         if not isinstance(u.rslora, bool):
@@ -175,6 +200,13 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
             a, b = pair
             if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
                 raise AggregationError(f"{who}, module {name!r}: A and B must be torch tensors")
+            for t, what in ((a, "A"), (b, "B")):
+                if not t.is_floating_point():
+                    raise AggregationError(f"{who}, module {name!r}: factor {what} has dtype {t.dtype}; LoRA factors "
+                                           "must be floating point (float16, bfloat16, float32 or float64)")
+                if t.device.type == "meta":
+                    raise AggregationError(f"{who}, module {name!r}: factor {what} is on the meta device and holds "
+                                           "no values; load the weights first")
             if a.ndim != 2 or b.ndim != 2:
                 raise AggregationError(
                     f"{who}, module {name!r}: A and B must be 2-D, got A{tuple(a.shape)} and B{tuple(b.shape)}"
@@ -217,12 +249,13 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
 
 def _norm64(t: torch.Tensor) -> float:
     # Accumulated in float64, so the norm of large float32 values does not itself overflow.
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
 
 
 def _all_finite(t: torch.Tensor) -> bool:
     # A sum is one fast reduction and propagates NaN/Inf; only when it is not finite (which an
     # overflow of large finite values can also cause) is the elementwise check needed.
+    t = t.detach()
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
@@ -247,12 +280,14 @@ def check_rank_request(rank: int | Mapping[str, int], shapes: Mapping[str, tuple
     else:
         ranks = {m: rank for m in shapes}
     for m, r in ranks.items():
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
             raise AggregationError(f"module {m!r}: requested rank must be a positive int, got {r!r}")
+        ranks[m] = r = int(r)
         out_f, in_f = shapes[m]
         if r > min(out_f, in_f):
             raise AggregationError(
                 f"module {m!r}: requested rank {r} exceeds min(out, in) = {min(out_f, in_f)} of its "
-                f"{out_f} x {in_f} weight; cap the rank (flexlora.core.distributions.cap_ranks does this)"
+                f"{out_f} x {in_f} weight; cap the rank at min(out, in) (ClientType.module_ranks does this for "
+                "a client type)"
             )
     return ranks

@@ -550,6 +550,11 @@ class Federation:
         name = cfg.slora.then if self.is_slora else cfg.aggregator
         if name.lower() == "flexlora":
             agg_opts.setdefault("max_rank", self.max_rank)
+            given = agg_opts["max_rank"]
+            if isinstance(given, int) and not isinstance(given, bool) and given < self.max_rank:
+                raise ConfigError(f"aggregator_options.max_rank = {given} is below the largest client rank of the "
+                                  f"run ({self.max_rank}): those clients could not be sent their best approximation; "
+                                  f"leave max_rank out (it defaults to {self.max_rank}) or set it to at least that")
         self.aggregator: Aggregator = get_aggregator(name, **agg_opts)
         self.is_flora = self.aggregator.name == "flora"
         if cfg.export.rank:
@@ -564,11 +569,19 @@ class Federation:
         """
         if not 0 <= k < self.num_clients:
             raise ValueError(f"client {k} is outside 0..{self.num_clients - 1}")
+        before = (list(self.types), list(self._type_ranks), list(self.client_type))
         if client_type not in self.types:
             self.types.append(client_type)
             self._type_ranks.append(client_type.module_ranks(self.shapes, self.groups))
         self.client_type[k] = self.types.index(client_type)
-        self._make_aggregator()
+        try:
+            self._make_aggregator()
+        except ConfigError:
+            # A type the run's settings cannot serve (a rank above aggregator_options.max_rank)
+            # leaves the run as it was.
+            self.types, self._type_ranks, self.client_type = before
+            self._make_aggregator()
+            raise
 
     def use_eval_settings(self, section: EvalSection) -> None:
         """Evaluate with other ``eval.*`` settings (``flexlora eval RUN --set eval.KEY=VALUE``).

@@ -307,3 +307,17 @@ def test_example_counts_are_checked_unless_the_node_has_its_own_data(tmp_path: P
             in rec["dropped"][0]["reason"]), rec["dropped"]
     assert any(f"client {other} (" in m and "its own data" in m for m in logs), logs
     assert sum(g["clients"] for g in rec["groups"].values()) == 2
+
+
+def test_a_node_whose_ranks_exceed_max_rank_is_ignored(tmp_path: Path) -> None:
+    # max_rank 8 fits the run's own types; a node declaring rank 16 cannot be served and is left out
+    # (the run goes on with the others), instead of stopping the ServerApp.
+    nodes = [{"partition-id": 0, "ranks": "16"}, {"partition-id": 1}, {"partition-id": 2}, {"partition-id": 3}]
+    logs: list[str] = []
+    res, _ = _flower(tmp_path, "x", ["rounds=1", "eval.every=0", "eval.baseline=false", "eval.per_type=false",
+                                     "lora.types=[[2, 4], [4, 8]]", "aggregator_options={max_rank = 8}",
+                                     "flower.wait_for_nodes=0"],
+                     node_configs=nodes, logs=logs)
+    assert any("node 100 ignored: its type r16-16 does not fit the run" in m and "max_rank = 8" in m for m in logs), logs
+    ckpt = load_checkpoint(res.run_dir / "checkpoints")
+    assert all(a[1] <= 8 and a[2] <= 8 for a in ckpt["assignment"])

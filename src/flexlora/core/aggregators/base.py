@@ -187,6 +187,7 @@ class Aggregator(ABC):
         -------
         dict of str to (Tensor, Tensor)
         """
+        check_state(state, self.name)
         _check_alpha(alpha)
         _check_rslora(rslora)
         ranks = check_rank_request(rank, state.shapes)
@@ -247,12 +248,14 @@ class RoundAccumulator(ABC):
     """
 
     def __init__(self, aggregator: Aggregator, previous: GlobalState | None) -> None:
+        check_previous(previous)
         self.aggregator = aggregator
         self.previous = previous
         self.shapes: dict[str, tuple[int, int]] | None = None
         self.count = 0
         self.total_examples = 0
         self._finished = False
+        self._seen: dict[Any, int] = {}  # client ids (and update objects) already folded in
 
     def add(self, update: ClientUpdate) -> None:
         """Fold ``update`` into the round's aggregate.
@@ -271,7 +274,12 @@ class RoundAccumulator(ABC):
             # Name the update by its position in the round, not as "client 0" of a round of one.
             msg, first = str(exc), update.label(0) if isinstance(update, ClientUpdate) else "client 0"
             raise AggregationError(label + msg[len(first):] if msg.startswith(first) else msg) from None
-        if self.shapes is None:
+        for key in (("object", id(update)), ("id", update.client_id) if update.client_id is not None else None):
+            if key is not None and key in self._seen:
+                raise AggregationError(f"{label}: the same {'update' if key[0] == 'object' else 'client'} is already "
+                                       f"in the round as client {self._seen[key]}; each client may reply once per round")
+        first = self.shapes is None
+        if first:
             self.shapes = shapes
         elif shapes != self.shapes:
             missing = sorted(set(self.shapes) - set(shapes))
@@ -286,7 +294,16 @@ class RoundAccumulator(ABC):
                 f"{label}, module {bad!r}: shape {shapes[bad]} (out, in) differs from {self.shapes[bad]} in earlier "
                 "clients. All clients must adapt the same base model."
             )
-        self._fold(update, label)
+        try:
+            with torch.no_grad():  # a caller's factors that require grad leave no graph in the state
+                self._fold(update, label)
+        except BaseException:
+            if first:
+                self.shapes = None  # a refused first update does not set the round's modules
+            raise
+        self._seen[("object", id(update))] = self.count
+        if update.client_id is not None:
+            self._seen[("id", update.client_id)] = self.count
         self.count += 1
         self.total_examples += int(update.num_examples)
 
@@ -298,10 +315,14 @@ class RoundAccumulator(ABC):
         AggregationError
             No update was added.
         """
+        if self._finished:
+            raise AggregationError("this round's aggregation is already finished (finish() returns its state "
+                                   "once); start the next round with begin_round()")
         if self.count == 0:
             raise AggregationError("empty round: add at least one ClientUpdate before finish()")
         self._finished = True
-        return self._finish()
+        with torch.no_grad():
+            return self._finish()
 
     def _next_round(self) -> int:
         return (self.previous.round + 1) if self.previous is not None else 1
@@ -329,6 +350,26 @@ class BufferedAccumulator(RoundAccumulator):
     def _finish(self) -> GlobalState:
         updates, self.updates = self.updates, []
         return self.aggregator.aggregate(updates, self.previous)
+
+
+def check_previous(previous: Any) -> None:
+    """``previous`` must be a :class:`GlobalState` (the one ``aggregate`` returned last round) or None."""
+    if previous is not None and not isinstance(previous, GlobalState):
+        raise AggregationError(f"previous must be the GlobalState of the last round (or None in the first), "
+                               f"got {type(previous).__name__}")
+
+
+def check_state(state: Any, aggregator: str, *, factors: bool = False) -> None:
+    """``state`` must be a :class:`GlobalState`; with ``factors``, one held as factors (A, B), as
+    FedAvg's and HetLoRA's are (they truncate or pass on factors, not an SVD)."""
+    if not isinstance(state, GlobalState):
+        raise AggregationError(f"{aggregator}.distribute needs the GlobalState that aggregate() returned, got "
+                               f"{type(state).__name__}")
+    if factors:
+        odd = [m for m, st in state.modules.items() if st.A is None or st.B is None]
+        if odd:
+            raise AggregationError(f"{aggregator}.distribute needs a state of factors (A, B), as {aggregator}'s "
+                                   f"aggregate() makes; this one ({state.aggregator!r}) holds an SVD for {odd[:3]}")
 
 
 def _check_alpha(alpha: float) -> None:

@@ -24,6 +24,8 @@ from flexlora.core.aggregators.base import (
     RoundAccumulator,
     _check_alpha,
     _check_rslora,
+    check_previous,
+    check_state,
 )
 from flexlora.core.types import (
     AggregationError,
@@ -52,7 +54,9 @@ class FedAvg(Aggregator):
     def __init__(self, *, check_finite: bool = True) -> None:
         super().__init__(check_finite=check_finite)
 
+    @torch.no_grad()  # factors that require grad leave no autograd graph in the state
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
+        check_previous(previous)
         shapes = validate_round(updates, check_finite=self.check_finite)
         alphas = {float(u.alpha) for u in updates}
         if len(alphas) > 1:
@@ -109,6 +113,7 @@ class FedAvg(Aggregator):
         When ``alpha`` or ``rslora`` differ from the clients' (the state holds the clients' scale),
         ``B`` is rescaled so that the receiver's effective update equals the global update.
         """
+        check_state(state, self.name, factors=True)
         _check_alpha(alpha)
         _check_rslora(rslora)
         ranks = check_rank_request(rank, state.shapes)

@@ -32,6 +32,7 @@ factor ``P_i = sum_{k: r_k > i} p_k`` every round. Two remedies are offered as o
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -42,12 +43,15 @@ from flexlora.core.aggregators.base import (
     GlobalState,
     ModuleState,
     RoundAccumulator,
+    check_previous,
     scaled_stack,
 )
 from flexlora.core.lowrank import LowRankSum, LowRankSVD, batches_well, svd_of_dense, svd_of_product, svd_of_products
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
+    Factors,
+    check_rank_request,
     client_weights,
     lora_scaling_denominator,
     validate_round,
@@ -139,8 +143,12 @@ class FlexLoRA(Aggregator):
             raise AggregationError("svd_method='randomized' needs max_rank (the largest rank to distribute)")
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
             raise AggregationError(f"max_rank must be a positive int or None, got {max_rank!r}")
-        if not 0.0 < dense_threshold <= 1.0:
-            raise AggregationError(f"dense_threshold must be in (0, 1], got {dense_threshold!r}")
+        if isinstance(dense_threshold, bool) or not isinstance(dense_threshold, numbers.Real) \
+                or not 0.0 < dense_threshold <= 1.0:
+            raise AggregationError(f"dense_threshold must be a number in (0, 1], got {dense_threshold!r}")
+        for key, value, low in (("oversample", oversample, 0), ("power_iters", power_iters, 0), ("seed", seed, None)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+                raise AggregationError(f"{key} must be {'a non-negative' if low is not None else 'an'} int, got {value!r}")
         self.max_rank = max_rank
         self.svd_method = svd_method
         self.dense_threshold = dense_threshold
@@ -155,6 +163,7 @@ class FlexLoRA(Aggregator):
             raise AggregationError(f"batch_modules must be true, false or absent (auto), got {batch_modules!r}")
         self.batch_modules = batch_modules
 
+    @torch.no_grad()  # factors that require grad leave no autograd graph in the state
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
         """One SVD per module of ``sum_k p_k s_k B_k A_k``.
 
@@ -162,6 +171,7 @@ class FlexLoRA(Aggregator):
         client's factors already start from the distributed global update. With
         ``"server-memory"`` it must be the state the clients received (None in the first round).
         """
+        check_previous(previous)
         shapes = validate_round(updates, check_finite=self.check_finite)
         weights = client_weights(updates)
         generator = None
@@ -183,6 +193,22 @@ class FlexLoRA(Aggregator):
             modules={name: ModuleState(shape=shape, svd=done[name]) for name, shape in shapes.items()},
             round=(previous.round + 1) if previous is not None else 1,
         )
+
+    def distribute(
+        self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
+    ) -> dict[str, Factors]:
+        """As :meth:`Aggregator.distribute`; a rank above ``max_rank`` is refused when the state
+        was truncated to ``max_rank`` (it no longer holds the directions such a client would need)."""
+        if self.max_rank is not None and isinstance(state, GlobalState):
+            for m, r in check_rank_request(rank, state.shapes).items():
+                st = state.modules[m]
+                if r > self.max_rank and st.rank >= self.max_rank:
+                    raise AggregationError(
+                        f"module {m!r}: rank {r} requested, but this FlexLoRA keeps only max_rank = {self.max_rank} "
+                        "directions of the global update, so it cannot send the best rank-"
+                        f"{r} approximation; set max_rank to the largest rank it will distribute"
+                    )
+        return super().distribute(state, rank, alpha, rslora=rslora)
 
     def begin_round(
         self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
@@ -232,23 +258,25 @@ class _FlexLoRAAccumulator(RoundAccumulator):
 
     def _fold(self, update: ClientUpdate, label: str) -> None:
         assert self.shapes is not None
-        if not self.sums:
-            first_a = next(iter(update.factors.values()))[0]
-            dtype = first_a.dtype if first_a.dtype == torch.float64 else torch.float32
-            for m, shape in self.shapes.items():
-                self.partitions[m] = self._partitions(m, shape)
-                self.sums[m] = [LowRankSum(shape, bound=self.aggregator.stream_bound, dtype=dtype,
-                                           device=first_a.device) for _ in self.partitions[m]]
-                self.held[m] = [0] * len(self.partitions[m])
-                self.ranks[m] = []
+        # Checked before anything is set up, so that a refused first update leaves the round empty.
+        partitions = self.partitions or {m: self._partitions(m, shape) for m, shape in self.shapes.items()}
         if self.aggregator.remedy == "rank-partitioned":
-            for m, parts in self.partitions.items():
+            for m, parts in partitions.items():
                 r = update.rank(m)
                 if r not in {hi for _, hi in parts}:
                     raise AggregationError(
                         f"{label}, module {m!r}: rank {r} is not among the ranks given to begin_round(ranks=...) "
                         f"({sorted(hi for _, hi in parts)}); pass the ranks of every client that may reply"
                     )
+        if not self.sums:
+            first_a = next(iter(update.factors.values()))[0]
+            dtype = first_a.dtype if first_a.dtype == torch.float64 else torch.float32
+            self.partitions = partitions
+            for m, shape in self.shapes.items():
+                self.sums[m] = [LowRankSum(shape, bound=self.aggregator.stream_bound, dtype=dtype,
+                                           device=first_a.device) for _ in self.partitions[m]]
+                self.held[m] = [0] * len(self.partitions[m])
+                self.ranks[m] = []
         n = int(update.num_examples)
         for m, parts in self.partitions.items():
             a, b = update.factors[m]

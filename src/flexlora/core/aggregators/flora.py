@@ -26,10 +26,12 @@ from flexlora.core.aggregators.base import (
     RoundAccumulator,
     _check_alpha,
     _check_rslora,
+    check_previous,
+    check_state,
     scaled_stack,
 )
 from flexlora.core.lowrank import LowRankSum, svd_of_dense, svd_of_product
-from flexlora.core.types import ClientUpdate, Factors, client_weights, lora_scaling_denominator, validate_round
+from flexlora.core.types import AggregationError, ClientUpdate, Factors, client_weights, lora_scaling_denominator, validate_round
 
 
 class FLoRA(Aggregator):
@@ -51,9 +53,13 @@ class FLoRA(Aggregator):
 
     def __init__(self, *, accumulate: bool = True, check_finite: bool = True, seed: int = 0) -> None:
         super().__init__(check_finite=check_finite, seed=seed)
+        if not isinstance(accumulate, bool):
+            raise AggregationError(f"accumulate must be True or False, got {accumulate!r}")
         self.accumulate = accumulate
 
+    @torch.no_grad()  # factors that require grad leave no autograd graph in the state
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
+        check_previous(previous)
         shapes = validate_round(updates, check_finite=self.check_finite)
         weights = client_weights(updates)
         modules: dict[str, ModuleState] = {}
@@ -101,6 +107,7 @@ class FLoRA(Aggregator):
             ``(A, B)`` whose ``(alpha / R) B @ A`` (``(alpha / sqrt(R)) B @ A`` with ``rslora``)
             equals the global update exactly.
         """
+        check_state(state, self.name)
         _check_alpha(alpha)
         _check_rslora(rslora)
         out = {}

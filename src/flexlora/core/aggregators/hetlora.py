@@ -18,6 +18,7 @@ combined on the scale of their effective updates.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,6 +30,8 @@ from flexlora.core.aggregators.base import (
     RoundAccumulator,
     _check_alpha,
     _check_rslora,
+    check_previous,
+    check_state,
 )
 from flexlora.core.lowrank import frobenius_of_product, pad_to_rank, stable_seed
 from flexlora.core.types import (
@@ -67,7 +70,9 @@ class HetLoRA(Aggregator):
             raise AggregationError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
         self.weighting = weighting
 
+    @torch.no_grad()  # factors that require grad leave no autograd graph in the state
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
+        check_previous(previous)
         shapes = validate_round(updates, check_finite=self.check_finite)
         sizes = client_weights(updates)
         modules: dict[str, ModuleState] = {}
@@ -119,6 +124,7 @@ class HetLoRA(Aggregator):
     ) -> dict[str, Factors]:
         """The first ``r`` ranks of the padded global factors (truncation, as in the paper), with
         ``B`` divided by the receiver's scaling (``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``)."""
+        check_state(state, self.name, factors=True)
         _check_alpha(alpha)
         _check_rslora(rslora)
         ranks = check_rank_request(rank, state.shapes)
@@ -135,6 +141,18 @@ class HetLoRA(Aggregator):
 
 def _tail_start(rank: int, gamma: float) -> int:
     return max(1, min(rank, math.floor(gamma * rank)))
+
+
+def _check_pruning_input(factors: Mapping[str, Factors], gamma: float) -> None:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    if not factors:
+        raise ValueError("needs at least one module")
+    for m, pair in factors.items():
+        a, b = pair
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"module {m!r}: expected (A: r x in, B: out x r), got A{tuple(a.shape)} and "
+                             f"B{tuple(b.shape)}; pass (A, B) in that order")
 
 
 def rank_pruning_penalty(
@@ -159,10 +177,7 @@ def rank_pruning_penalty(
     Tensor
         A scalar connected to the autograd graph of the factors.
     """
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-    if not factors:
-        raise ValueError("rank_pruning_penalty needs at least one module")
+    _check_pruning_input(factors, gamma)
     terms = []
     for A, B in factors.values():
         t = _tail_start(A.shape[0], gamma)
@@ -178,6 +193,9 @@ def pruned_ranks(
     A module's rank drops to ``floor(gamma * r)`` when its tail's share of the update,
     ``||B[:, t:]|| ||A[t:, :]|| / (||B|| ||A||)``, is below ``threshold``; otherwise it stays.
     """
+    _check_pruning_input(factors, gamma)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold < math.inf:
+        raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
     out = {}
     for m, (A, B) in factors.items():
         r = A.shape[0]

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flexlora.core.distributions import ClientType, types_from_budget
-from flexlora.engines.config import to_toml
+from flexlora.engines.config import ConfigError, to_toml
 from flexlora.engines.federation import ClientOutcome, Federation, FederationError, RunResult, client_types_for
 from flexlora.engines.flower.wire import (
     MSG_CAPABILITIES,
@@ -175,17 +175,20 @@ class FlexLoRAStrategy(Strategy):
             if old is not None and old in set(grid.get_node_ids()):
                 self.log(f"warning: node {node} claims partition {k}, already held by node {old}; ignored")
                 continue
+            if ctype is not None and not self._started:
+                try:
+                    self.fed.set_client_type(k, ctype)
+                except ConfigError as exc:
+                    self.log(f"warning: node {node} ignored: its type {ctype.name} does not fit the run: {exc}")
+                    continue
             self.node_of[k] = node
             if caps.get("own-data") is True:
                 self._own_data.add(k)
             else:
                 self._own_data.discard(k)
-            if ctype is not None:
-                if not self._started:
-                    self.fed.set_client_type(k, ctype)
-                elif self.fed.types[self.fed.client_type[k]] != ctype:
-                    self.log(f"warning: node {node} declares {ctype.name} for client {k}, but the run assigned "
-                             f"{self.fed.types[self.fed.client_type[k]].name}; the run's assignment is kept")
+            if ctype is not None and self._started and self.fed.types[self.fed.client_type[k]] != ctype:
+                self.log(f"warning: node {node} declares {ctype.name} for client {k}, but the run assigned "
+                         f"{self.fed.types[self.fed.client_type[k]].name}; the run's assignment is kept")
             data = ", its own data: its example count is taken on trust" if k in self._own_data else ""
             self.log(f"node {node}: client {k} ({self.fed.client_spec(k).type_name}{data})")
         for n in set(nodes) - answered:
