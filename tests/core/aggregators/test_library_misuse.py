@@ -189,3 +189,16 @@ def test_lora_scaling_checks_its_arguments() -> None:
             lora_scaling(*args)
     with pytest.raises(ValueError, match="rslora must be True or False"):
         lora_scaling(16, 4, "yes")  # type: ignore[arg-type]
+
+
+def test_streaming_tells_a_repeated_update_from_a_new_one_at_a_reused_address(helpers) -> None:
+    # Replies are freed once folded, so a new reply may live where an old one did: it is not a repeat.
+    gen = torch.Generator().manual_seed(5)
+    acc = get_aggregator("flexlora").begin_round()
+    for _ in range(20):
+        acc.add(helpers.make_update(gen, SHAPES, 2))
+    assert acc.count == 20
+    u = helpers.make_update(gen, SHAPES, 2)
+    acc.add(u)
+    with pytest.raises(AggregationError, match="the same update is already in the round as client 20"):
+        acc.add(u)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -255,7 +256,8 @@ class RoundAccumulator(ABC):
         self.count = 0
         self.total_examples = 0
         self._finished = False
-        self._seen: dict[Any, int] = {}  # client ids (and update objects) already folded in
+        self._seen: dict[Any, int] = {}  # client ids already folded in -> position
+        self._objects: dict[int, tuple[weakref.ref, int]] = {}  # id(update) -> (weak reference, position)
 
     def add(self, update: ClientUpdate) -> None:
         """Fold ``update`` into the round's aggregate.
@@ -274,10 +276,16 @@ class RoundAccumulator(ABC):
             # Name the update by its position in the round, not as "client 0" of a round of one.
             msg, first = str(exc), update.label(0) if isinstance(update, ClientUpdate) else "client 0"
             raise AggregationError(label + msg[len(first):] if msg.startswith(first) else msg) from None
-        for key in (("object", id(update)), ("id", update.client_id) if update.client_id is not None else None):
-            if key is not None and key in self._seen:
-                raise AggregationError(f"{label}: the same {'update' if key[0] == 'object' else 'client'} is already "
-                                       f"in the round as client {self._seen[key]}; each client may reply once per round")
+        # The same client twice would count its weight twice. Updates already folded may be gone
+        # (streaming frees them), so an object is recognised through a weak reference, not its id.
+        again = self._seen.get(("id", update.client_id)) if update.client_id is not None else None
+        held = self._objects.get(id(update))
+        if again is None and held is not None and held[0]() is update:
+            again = held[1]
+        if again is not None:
+            what = "client" if update.client_id is not None and ("id", update.client_id) in self._seen else "update"
+            raise AggregationError(f"{label}: the same {what} is already in the round as client {again}; each "
+                                   "client may reply once per round")
         first = self.shapes is None
         if first:
             self.shapes = shapes
@@ -301,7 +309,7 @@ class RoundAccumulator(ABC):
             if first:
                 self.shapes = None  # a refused first update does not set the round's modules
             raise
-        self._seen[("object", id(update))] = self.count
+        self._objects[id(update)] = (weakref.ref(update), self.count)
         if update.client_id is not None:
             self._seen[("id", update.client_id)] = self.count
         self.count += 1
