@@ -245,3 +245,26 @@ def test_types_from_budget_needs_candidates() -> None:
 
     with pytest.raises(ValueError, match="types is empty"):
         types_from_budget([10.0], {"m": (8, 8)}, types=[])
+
+
+def test_types_from_budget_refuses_malformed_input_by_name() -> None:
+    import numpy as np
+
+    from flexlora.core.distributions import PAPER_CLIENT_TYPES, ClientType, types_from_budget
+
+    shapes = {"layers.0.self_attn.q_proj": (64, 64), "layers.0.mlp.up_proj": (128, 64)}
+    big = 10 * PAPER_CLIENT_TYPES[-1].trainable_params(shapes)
+    assert types_from_budget(np.array([big]), shapes)[0] == PAPER_CLIENT_TYPES[-1]  # arrays are fine
+    for args, kwargs, match in (
+        (([float("nan")], shapes), {}, "client 0: budget must be a positive finite number"),
+        (([True], shapes), {}, "client 0: budget must be a positive finite number"),
+        ((big, shapes), {}, "budgets must be a sequence"),
+        (([big], {"q_proj": (0, 64)}), {}, r"shapes must map each module to \(out, in\) positive ints"),
+        (([big], {"q_proj": (-5, 64)}), {}, r"shapes must map each module to \(out, in\) positive ints"),
+        (([big], shapes), {"unit": "bytes", "bytes_per_param": 0}, "bytes_per_param must be a positive number"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            types_from_budget(*args, **kwargs)
+    assert ClientType("t", np.int64(4), np.int64(8)).attention_rank == 4  # numpy ints are plain ranks
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        ClientType("t", 4, 8, alpha=True)

@@ -47,9 +47,11 @@ class ClientType:
     def __post_init__(self) -> None:
         for field_name in ("attention_rank", "mlp_rank"):
             v = getattr(self, field_name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"ClientType {self.name!r}: {field_name} must be a positive int, got {v!r}")
-        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0):
+            object.__setattr__(self, field_name, int(v))  # a numpy int becomes a plain one
+        if isinstance(self.alpha, bool) or not (isinstance(self.alpha, numbers.Real) and math.isfinite(self.alpha)
+                                                and self.alpha > 0):
             raise ValueError(f"ClientType {self.name!r}: alpha must be a positive number, got {self.alpha!r}")
 
     def rank_for(self, group: str) -> int:
@@ -266,6 +268,15 @@ def types_from_budget(
         raise ValueError("types is empty: give at least one candidate ClientType")
     if not shapes:
         raise ValueError("shapes must name at least one module")
+    if isinstance(budgets, str | bytes | numbers.Number) or not hasattr(budgets, "__iter__"):
+        raise ValueError(f"budgets must be a sequence with one budget per client, got {budgets!r}")
+    bad = {m: s for m, s in shapes.items()
+           if len(s) != 2 or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in s)}
+    if bad:
+        raise ValueError(f"shapes must map each module to (out, in) positive ints; got {dict(list(bad.items())[:3])}")
+    if isinstance(bytes_per_param, bool) or not isinstance(bytes_per_param, numbers.Real) \
+            or not 0 < bytes_per_param < math.inf:
+        raise ValueError(f"bytes_per_param must be a positive number, got {bytes_per_param!r}")
     costs = []
     for t in types:
         p = t.trainable_params(shapes, groups)
@@ -273,6 +284,13 @@ def types_from_budget(
     costs.sort(key=lambda c: c[0])
     out = []
     for i, b in enumerate(budgets):
+        try:
+            value = math.nan if isinstance(b, bool) else float(b)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0 < value < math.inf:
+            raise ValueError(f"client {i}: budget must be a positive finite number of {unit}, got {b!r}")
+        b = value
         fitting = [t for c, t in costs if c <= b]
         if not fitting:
             raise ValueError(

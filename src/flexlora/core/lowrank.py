@@ -707,14 +707,17 @@ class LowRankSum:
         self.terms = 0
         self.compressions = 0
 
-    def add(self, B: torch.Tensor, A: torch.Tensor) -> None:
-        """Add the term ``B @ A`` (``B: out x r``, ``A: r x in``)."""
+    def add(self, B: torch.Tensor, A: torch.Tensor, *, copy: bool = True) -> None:
+        """Add the term ``B @ A`` (``B: out x r``, ``A: r x in``).
+
+        The terms are held until the next compression. With ``copy`` (the default) they are
+        copied first, so a caller may reuse its tensors once ``add`` returns; ``copy=False`` is for
+        a caller whose tensors are its own fresh ones (it saves a transient copy of the term).
+        """
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != self.shape:
             raise ValueError(f"LowRankSum of shape {self.shape} cannot add B{tuple(B.shape)} @ A{tuple(A.shape)}")
-        # Held until the next compression: copies, so that a caller reusing its buffers after
-        # add() (as the README allows) cannot change the sum.
-        B = B.to(device=self.device or B.device, dtype=self.dtype, copy=True)
-        A = A.to(device=B.device, dtype=self.dtype, copy=True)
+        B = B.to(device=self.device or B.device, dtype=self.dtype, copy=copy)
+        A = A.to(device=B.device, dtype=self.dtype, copy=copy)
         self.terms += 1
         if self.dense_sum is None:
             full = min(self.shape)

@@ -21,11 +21,12 @@ def _round(helpers, ranks=(3, 3, 3), seed=0):
     return [helpers.make_update(gen, SHAPES, r, num_examples=5 + i, client_id=f"c{i}") for i, r in enumerate(ranks)]
 
 
-@pytest.mark.parametrize("name", ["flexlora", "flora", "fedavg", "hetlora"])
-def test_streaming_does_not_keep_the_callers_tensors(helpers, name) -> None:
+@pytest.mark.parametrize("name,options", [("flexlora", {}), ("flora", {}), ("fedavg", {}), ("hetlora", {}),
+                                          ("flexlora", {"remedy": "rank-partitioned"})])  # buffered: no ranks
+def test_streaming_does_not_keep_the_callers_tensors(helpers, name, options) -> None:
     ups = _round(helpers)
-    want = get_aggregator(name).aggregate(ups)
-    acc = get_aggregator(name).begin_round()
+    want = get_aggregator(name, **options).aggregate(ups)
+    acc = get_aggregator(name, **options).begin_round()
     for u in ups:
         acc.add(u)
         for a, b in u.factors.values():  # the caller reuses its buffers once add() returned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import weakref
@@ -258,9 +259,20 @@ class RoundAccumulator(ABC):
         self._finished = False
         self._seen: dict[Any, int] = {}  # client ids already folded in -> position
         self._objects: dict[int, tuple[weakref.ref, int]] = {}  # id(update) -> (weak reference, position)
+        # Set by add() for _fold: whether what it keeps of an update must be a copy (add's `copy`).
+        self._copy = True
 
-    def add(self, update: ClientUpdate) -> None:
+    def add(self, update: ClientUpdate, *, copy: bool = True) -> None:
         """Fold ``update`` into the round's aggregate.
+
+        Parameters
+        ----------
+        update : ClientUpdate
+        copy : bool, default True
+            Keep copies of whatever of ``update`` the round holds on to, so the caller may reuse or
+            change its tensors once ``add`` returns. ``False`` lets the round keep references
+            instead (no transient copy of a reply): for a caller that never touches the update
+            again, as the engines do.
 
         Raises
         ------
@@ -302,6 +314,7 @@ class RoundAccumulator(ABC):
                 f"{label}, module {bad!r}: shape {shapes[bad]} (out, in) differs from {self.shapes[bad]} in earlier "
                 "clients. All clients must adapt the same base model."
             )
+        self._copy = copy
         try:
             with torch.no_grad():  # a caller's factors that require grad leave no graph in the state
                 self._fold(update, label)
@@ -337,7 +350,9 @@ class RoundAccumulator(ABC):
 
     @abstractmethod
     def _fold(self, update: ClientUpdate, label: str) -> None:
-        """Fold a validated update in (raise AggregationError, before changing anything, to refuse it)."""
+        """Fold a validated update in (raise AggregationError, before changing anything, to refuse it).
+
+        Whatever it keeps of ``update``'s tensors must be a copy when ``self._copy`` is set."""
 
     @abstractmethod
     def _finish(self) -> GlobalState:
@@ -353,6 +368,9 @@ class BufferedAccumulator(RoundAccumulator):
         self.updates: list[ClientUpdate] = []
 
     def _fold(self, update: ClientUpdate, label: str) -> None:
+        if self._copy:
+            update = dataclasses.replace(update, factors={m: (a.clone(), b.clone()) for m, (a, b) in
+                                                          update.factors.items()})
         self.updates.append(update)
 
     def _finish(self) -> GlobalState:

@@ -283,14 +283,16 @@ class _FlexLoRAAccumulator(RoundAccumulator):
             r = int(a.shape[0])
             lsum = self.sums[m]
             coef = n * float(update.alpha) / lora_scaling_denominator(r, update.rslora)
+            # B is scaled into a new tensor; A is held as given unless add() was asked to copy.
             bs = b.to(device=lsum[0].device or b.device, dtype=lsum[0].dtype) * coef
+            a = a.to(device=bs.device, dtype=lsum[0].dtype, copy=self._copy)
             # One partition [0, min(out, in)) without rank partitioning; with it, r is a boundary,
             # so every partition starting below r ends at or below it.
             for j, (lo, hi) in enumerate(parts):
                 if lo >= r:
                     break
                 top = min(hi, r)
-                lsum[j].add(bs[:, lo:top], a[lo:top])
+                lsum[j].add(bs[:, lo:top], a[lo:top], copy=False)
                 self.held[m][j] += n
             self.ranks[m].append((r, n))
 

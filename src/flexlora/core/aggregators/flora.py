@@ -147,7 +147,10 @@ class _FLoRAAccumulator(RoundAccumulator):
                 dtype = a.dtype if a.dtype == torch.float64 else torch.float32
                 self.sums[name] = LowRankSum((b.shape[0], a.shape[1]), dtype=dtype, device=a.device)
             coef = n * float(update.alpha) / lora_scaling_denominator(a.shape[0], update.rslora)
-            self.sums[name].add(b.to(self.sums[name].dtype) * coef, a)
+            lsum = self.sums[name]
+            # B is scaled into a new tensor; A is held as given unless add() was asked to copy.
+            lsum.add(b.to(device=lsum.device or b.device, dtype=lsum.dtype) * coef,
+                     a.to(device=lsum.device or a.device, dtype=lsum.dtype, copy=self._copy), copy=False)
 
     def _finish(self) -> GlobalState:
         assert self.shapes is not None
