@@ -33,6 +33,14 @@ def test_run_writes_every_output(tmp_path: Path) -> None:
     for key in ("train_loss", "rougeL", "eval_loss", "groups", "bytes_up", "bytes_down", "seconds", "spectrum"):
         assert key in records[2], key
     assert records[1]["bytes_down"] == 0 and records[2]["bytes_down"] > 0  # round 1 starts from scratch
+    # The spectrum names the first singular value beyond each client rank of its module, from an
+    # SVD of the dense global update computed here in float64.
+    spec = records[2]["spectrum"]
+    sv = torch.linalg.svdvals(sim.state.dense(spec["module"]).double())
+    ranks = {t.module_ranks(sim.shapes, sim.groups)[spec["module"]] for t in (sim.types[i] for i in set(sim.client_type))}
+    assert spec["beyond_ranks"] and set(spec["beyond_ranks"]) == {str(r) for r in ranks if r < spec["rank_held"]}
+    for r, v in spec["beyond_ranks"].items():
+        assert abs(v - float(sv[int(r)])) <= 1e-4 * float(sv[0]), (r, v, float(sv[int(r)]))
     assert 0.0 <= records[0]["rougeL"] <= 1.0
     assert set(records[2]["rougeL_per_task"]) <= set(sim.data.unseen)
     assert set(records[2]["rougeL_by_type"]) == {t.name for t in sim.types}

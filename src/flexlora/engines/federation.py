@@ -933,13 +933,17 @@ class Federation:
             tb.log(record)
 
     def _spectrum(self, top: int = 8) -> dict[str, Any]:
-        """Leading singular values of the first adapted module's global update, to watch the
-        rank collapse of the tail directions across rounds (method.md, section 2)."""
+        """Leading singular values of the first adapted module's global update, and the first one
+        beyond each client rank of that module (``beyond_ranks``: direction ``r + 1``, which the
+        clients of rank ``r`` are not sent), to watch the rank collapse of the tail directions
+        across rounds (method.md, section 2)."""
         assert self.state is not None
         m = next(iter(self.shapes))
         st = self.state.modules[m]
         s = st.svd.S if st.svd is not None else st.to_svd().S
-        return {"module": m, "top": [float(x) for x in s[:top]], "rank_held": int(s.shape[0])}
+        ranks = sorted({self._type_ranks[i][m] for i in set(self.client_type)})
+        return {"module": m, "top": [float(x) for x in s[:top]], "rank_held": int(s.shape[0]),
+                "beyond_ranks": {str(r): float(s[r]) for r in ranks if r < s.shape[0]}}
 
     def tail_energy(self) -> float:
         """Share of the global update's energy beyond the smallest client rank, over every module:
