@@ -143,7 +143,8 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
     Raises
     ------
     AggregationError
-        For an empty round, a non-positive or non-integer ``num_examples``, a non-positive or
+        For an empty round, the same client twice, factors that are not floating point or mix
+        float64 with lower precisions, a non-positive or non-integer ``num_examples``, a non-positive or
         non-finite ``alpha``, a non-bool ``rslora``, factors whose shapes do not chain (``A: r x in``, ``B: out x r``),
         a module missing in some clients, a module whose shape differs across clients, a rank
         of zero or above ``min(out, in)``, or (with ``check_finite``) NaN/Inf values or an
@@ -157,6 +158,7 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
     shapes: dict[str, tuple[int, int]] = {}
     first_modules: set[str] | None = None
     seen: dict[Any, int] = {}
+    precision: tuple[bool, int, str] | None = None  # (float64?, client, module) of the first factors
     for i, u in enumerate(updates):
         who = u.label(i) if isinstance(u, ClientUpdate) else f"client {i}"
         if not isinstance(u, ClientUpdate):
@@ -230,6 +232,16 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
                     "clients. All clients must adapt the same base model."
                 )
             shapes[name] = shape
+            wide = a.dtype == torch.float64 or b.dtype == torch.float64
+            if precision is None:
+                precision = (wide, i, name)
+            elif wide != precision[0]:
+                # The result's precision would follow whichever client came first.
+                raise AggregationError(
+                    f"{who}, module {name!r}: its factors are {'float64' if wide else 'below float64'} but client "
+                    f"{precision[1]}'s (module {precision[2]!r}) are {'float64' if precision[0] else 'below float64'}; "
+                    "give every client of a round the same precision (e.g. .double() or .float() on all factors)"
+                )
             if check_finite and not (_all_finite(a) and _all_finite(b)):
                 bad = "A" if not _all_finite(a) else "B"
                 raise AggregationError(

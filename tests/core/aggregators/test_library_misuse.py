@@ -203,3 +203,20 @@ def test_streaming_tells_a_repeated_update_from_a_new_one_at_a_reused_address(he
     acc.add(u)
     with pytest.raises(AggregationError, match="the same update is already in the round as client 20"):
         acc.add(u)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_round_mixing_float64_with_float32_is_refused_in_either_order(helpers, name) -> None:
+    gen = torch.Generator().manual_seed(9)
+    f32 = helpers.make_update(gen, SHAPES, 3, client_id="a")
+    f64 = helpers.make_update(gen, SHAPES, 3, client_id="b", dtype=torch.float64)
+    for pair in ((f32, f64), (f64, f32)):
+        with pytest.raises(AggregationError, match=r"client 1 \('.'\), module 'q': its factors are .*give every client"):
+            get_aggregator(name).aggregate(list(pair))
+        acc = get_aggregator(name).begin_round()
+        acc.add(pair[0])
+        with pytest.raises(AggregationError, match="client 1.*the round's first client's are"):
+            acc.add(pair[1])
+    # bf16 and float32 clients share float32 arithmetic: allowed together.
+    bf = helpers.make_update(gen, SHAPES, 3, client_id="c", dtype=torch.bfloat16)
+    assert get_aggregator(name).aggregate([f32, bf]).modules["q"].shape == (12, 10)

@@ -261,6 +261,7 @@ class RoundAccumulator(ABC):
         self._objects: dict[int, tuple[weakref.ref, int]] = {}  # id(update) -> (weak reference, position)
         # Set by add() for _fold: whether what it keeps of an update must be a copy (add's `copy`).
         self._copy = True
+        self._float64: bool | None = None  # whether the round's factors are float64 (set by the first)
 
     def add(self, update: ClientUpdate, *, copy: bool = True) -> None:
         """Fold ``update`` into the round's aggregate.
@@ -298,6 +299,11 @@ class RoundAccumulator(ABC):
             what = "client" if update.client_id is not None and ("id", update.client_id) in self._seen else "update"
             raise AggregationError(f"{label}: the same {what} is already in the round as client {again}; each "
                                    "client may reply once per round")
+        wide = any(t.dtype == torch.float64 for pair in update.factors.values() for t in pair)
+        if self._float64 is not None and wide != self._float64:
+            raise AggregationError(f"{label}: its factors are {'float64' if wide else 'below float64'} but the round's "
+                                   f"first client's are {'float64' if self._float64 else 'below float64'}; give every "
+                                   "client of a round the same precision (e.g. .double() or .float() on all factors)")
         first = self.shapes is None
         if first:
             self.shapes = shapes
@@ -322,6 +328,7 @@ class RoundAccumulator(ABC):
             if first:
                 self.shapes = None  # a refused first update does not set the round's modules
             raise
+        self._float64 = wide
         self._objects[id(update)] = (weakref.ref(update), self.count)
         if update.client_id is not None:
             self._seen[("id", update.client_id)] = self.count
