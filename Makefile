@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # the plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test test-slow test-slow-ci bench install install-dev clean flower-demo
+.PHONY: demo test test-slow test-slow-ci lint bench install install-dev clean flower-demo
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-slow: $(VENV)/.dev
 # the Flower deployments mostly wait on processes and heartbeats, and each uses its own ports.
 test-slow-ci: $(VENV)/.dev
 	$(PY) -m pytest -n 2 --dist worksteal -q -m "slow and not long" --durations=15
+
+# Style and import order (ruff, configured in pyproject.toml).
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: $(VENV)/.base
 	$(PY) benchmarks/aggregation.py

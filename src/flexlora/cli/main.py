@@ -41,7 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set rounds=5 --set train.lr=1e-3 (repeatable)")
     run.add_argument("--output", type=Path, help="run directory (default: runs/<timestamp>)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                     help="continue a killed or finished run from its last checkpoint (only `rounds`, `min_clients` and [flower] settings may change)")
+                     help="continue a killed or finished run from its last checkpoint (only `rounds`, `min_clients` "
+                          "and [flower] settings may change)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     run.add_argument("--engine", choices=("local", "flower-sim", "flower-inprocess"), default="local",
                      help="local: this process (default); flower-sim: Flower's Ray simulation with one virtual "
@@ -160,11 +161,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flexlora.engines.simulation import Simulation
-    from flexlora.training.export import save_merged_model, save_peft_adapter
-
     from flexlora.engines.config import ConfigError
-    from flexlora.training.export import ADAPTER_MARKER, MERGED_MARKER, check_replaceable
+    from flexlora.engines.simulation import Simulation
+    from flexlora.training.export import (
+        ADAPTER_MARKER,
+        MERGED_MARKER,
+        check_replaceable,
+        save_merged_model,
+        save_peft_adapter,
+    )
 
     out = args.output or (args.run_dir / "adapter")
     run_dir = args.run_dir.expanduser().absolute()

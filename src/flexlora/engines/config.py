@@ -208,7 +208,7 @@ def _fail(key: str, msg: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check types, choices and ranges of every field; raise :class:`ConfigError` naming the key."""
     _check_types(cfg, "")
-    from flexlora.core.aggregators import averages_factors, available_aggregators
+    from flexlora.core.aggregators import available_aggregators, averages_factors
     from flexlora.core.distributions import available_distributions
 
     if cfg.aggregator.lower() not in (*available_aggregators(), "slora"):

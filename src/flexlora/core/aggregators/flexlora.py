@@ -148,7 +148,8 @@ class FlexLoRA(Aggregator):
             raise AggregationError(f"dense_threshold must be a number in (0, 1], got {dense_threshold!r}")
         for key, value, low in (("oversample", oversample, 0), ("power_iters", power_iters, 0), ("seed", seed, None)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
-                raise AggregationError(f"{key} must be {'a non-negative' if low is not None else 'an'} int, got {value!r}")
+                kind = "a non-negative int" if low is not None else "an int"
+                raise AggregationError(f"{key} must be {kind}, got {value!r}")
         self.max_rank = max_rank
         self.svd_method = svd_method
         self.dense_threshold = dense_threshold

@@ -31,7 +31,14 @@ from flexlora.core.aggregators.base import (
     scaled_stack,
 )
 from flexlora.core.lowrank import LowRankSum, svd_of_dense, svd_of_product
-from flexlora.core.types import AggregationError, ClientUpdate, Factors, client_weights, lora_scaling_denominator, validate_round
+from flexlora.core.types import (
+    AggregationError,
+    ClientUpdate,
+    Factors,
+    client_weights,
+    lora_scaling_denominator,
+    validate_round,
+)
 
 
 class FLoRA(Aggregator):
