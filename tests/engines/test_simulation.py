@@ -233,3 +233,21 @@ def test_a_max_rank_below_the_largest_client_rank_is_refused(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"aggregator_options.max_rank = 2 is below the largest client rank"):
         Simulation(load_config(None, [*TINY, "rounds=1", "aggregator_options={max_rank = 2}"]), tmp_path / "r",
                    progress=False, log=lambda m: None)
+
+
+def test_eval_stem_reaches_the_scorer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flexlora.engines.federation as federation
+
+    seen: list[bool] = []
+    real = federation.evaluate_generation
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("stem"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(federation, "evaluate_generation", spy)
+    for stem in (False, True):
+        sim = Simulation(_cfg("rounds=1", f"eval.stem={str(stem).lower()}"), tmp_path / f"s{stem}", progress=False,
+                         log=lambda m: None)
+        sim.evaluate()
+    assert seen == [False, True]

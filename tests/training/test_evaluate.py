@@ -55,6 +55,23 @@ def test_rouge_scores_non_latin_text():
 
 def test_unicode_tokenizer():
     assert UnicodeTokenizer().tokenize("Hello, WORLD! naïve 北京x") == ["hello", "world", "naïve", "北", "京", "x"]
+    # With stem, Porter stemming of tokens longer than 3 characters, as rouge-score's use_stemmer.
+    assert UnicodeTokenizer(stem=True).tokenize("The dogs are running 北京") == ["the", "dog", "are", "run", "北", "京"]
+
+
+@pytest.mark.parametrize("pred,ref", [
+    ("answers", "answer"), ("He played games", "he plays the game"),
+    ("The dogs are running quickly", "the dog runs quickly"), ("The cat sat on mat.", "the cat sat on the mat"),
+])
+def test_stemmed_rouge_equals_rouge_scores_own_stemmer_on_latin_text(pred, ref):
+    # rouge-score's own tokenizer with use_stemmer=True (the Natural Instructions metric) is the
+    # independent reference; on plain Latin text our tokenizer splits words the same way.
+    from rouge_score import rouge_scorer
+
+    ni = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert rouge_l(pred, [ref], stem=True) == pytest.approx(ni.score(ref, pred)["rougeL"].fmeasure)
+    assert rouge_l(pred, [ref], stem=True) >= rouge_l(pred, [ref])  # stemming only merges tokens
+    assert rouge_l("answers", ["answer"], stem=True) == 1.0 and rouge_l("answers", ["answer"]) == 0.0
 
 
 def test_rouge_rejects_bad_references():

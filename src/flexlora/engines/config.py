@@ -121,6 +121,9 @@ class EvalSection:
     max_tasks: int = _f(0, "Cap on unseen tasks evaluated (0 = all).")
     max_examples_per_task: int = _f(8, "Cap on examples per unseen task (0 = all).")
     max_new_tokens: int = _f(24, "Tokens generated per answer (greedy).")
+    stem: bool = _f(False, "Porter-stem words before Rouge-L, as the Natural Instructions metric does "
+                    "(rouge-score's use_stemmer): 'answers' then matches 'answer'. Off by default, the "
+                    "setting every recorded figure of this project used.")
     batch_size: int = _f(16, "Prompts per generation batch.")
     loss_batch_size: int = _f(8, "Examples per batch for the eval loss.")
 

@@ -130,6 +130,7 @@ _LATER_KEYS: dict[tuple[str, str], Any] = {
     ("lora", "init"): "shared",
     **{("data_options", k): v for k, v in JSONL_FIELD_DEFAULTS.items()},
     ("eval", "data"): "",
+    ("eval", "stem"): False,
     ("train", "hetlora_prune"): True,
     ("train", "hetlora_prune_threshold"): 1e-3,
     ("train", "hetlora_min_rank"): 0,
@@ -994,7 +995,7 @@ class Federation:
         with ctx as model:
             model.eval()
             gen = evaluate_generation(model, self.tokenizer, self.eval_items, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=cfg.batch_size)
+                                      batch_size=cfg.batch_size, stem=cfg.stem)
             loss = eval_loss(model, self.eval_features, batch_size=cfg.loss_batch_size) if with_loss else None
         out: dict[str, Any] = {"rougeL": gen.overall, "rougeL_per_task": gen.per_task}
         if with_loss:

@@ -42,29 +42,44 @@ _TOKEN_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
 
 
 class UnicodeTokenizer:
-    """Rouge tokenizer: lower-cased word runs (``\\w+``, any script), one token per CJK character."""
+    """Rouge tokenizer: lower-cased word runs (``\\w+``, any script), one token per CJK character.
+
+    With ``stem``, tokens longer than three characters are reduced by the Porter stemmer, as
+    rouge-score's own tokenizer does with ``use_stemmer=True`` (the Natural Instructions metric).
+    """
+
+    def __init__(self, stem: bool = False) -> None:
+        self.stem = stem
+        self._stemmer = None
+        if stem:
+            from nltk.stem import porter  # a dependency of rouge-score
+
+            self._stemmer = porter.PorterStemmer()
 
     def tokenize(self, text: str) -> list[str]:
-        return _TOKEN_RE.findall(text.lower())
+        tokens = _TOKEN_RE.findall(text.lower())
+        if self._stemmer is not None:
+            tokens = [self._stemmer.stem(t) if len(t) > 3 else t for t in tokens]
+        return tokens
 
 
-_SCORER = None
+_SCORERS: dict[bool, object] = {}
 
 
-def _scorer():
-    global _SCORER
-    if _SCORER is None:
+def _scorer(stem: bool):
+    if stem not in _SCORERS:
         from rouge_score import rouge_scorer
 
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())
-    return _SCORER
+        _SCORERS[stem] = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer(stem))
+    return _SCORERS[stem]
 
 
-def rouge_l(prediction: str, references: Sequence[str]) -> float:
+def rouge_l(prediction: str, references: Sequence[str], *, stem: bool = False) -> float:
     """Rouge-L F-measure of ``prediction``, the maximum over ``references``.
 
     Tokens are lower-cased ``\\w+`` runs of any script, with each CJK character a token of its
-    own (see :class:`UnicodeTokenizer`); no stemming.
+    own (see :class:`UnicodeTokenizer`); no stemming unless ``stem`` (Porter, as the Natural
+    Instructions metric does: "answers" then matches "answer").
 
     Raises
     ------
@@ -75,7 +90,7 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
         raise ValueError("references must be a sequence of strings, not one string; pass [reference]")
     if len(references) == 0:
         raise ValueError("rouge_l needs at least one reference")
-    scorer = _scorer()
+    scorer = _scorer(stem)
     return max(float(scorer.score(ref, prediction)["rougeL"].fmeasure) for ref in references)
 
 
@@ -192,6 +207,7 @@ def evaluate_generation(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    stem: bool = False,
 ) -> EvalResult:
     """Generate greedy answers for ``items`` and score them with Rouge-L.
 
@@ -199,6 +215,8 @@ def evaluate_generation(
     ----------
     items : sequence of (task, prompt_ids, references)
         ``references`` holds one or more acceptable answers; an item scores the best of them.
+    stem : bool, default False
+        Porter-stem the tokens before scoring (see :func:`rouge_l`).
 
     Returns
     -------
@@ -208,7 +226,7 @@ def evaluate_generation(
     """
     prompts = [list(p) for _, p, _ in items]
     predictions = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    scores = [rouge_l(pred, list(refs)) for pred, (_, _, refs) in zip(predictions, items, strict=True)]
+    scores = [rouge_l(pred, list(refs), stem=stem) for pred, (_, _, refs) in zip(predictions, items, strict=True)]
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for (task, _, _), s in zip(items, scores, strict=True):
