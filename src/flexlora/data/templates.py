@@ -13,8 +13,11 @@ For the ``chat`` template the rendered text already holds the template's own spe
 tokens, so the prompt is also encoded with ``add_special_tokens=False`` (no doubled BOS).
 The answer is followed by ``eos_token_id``; for chat models this is the end-of-turn token
 (``<|im_end|>`` for SmolLM2-Instruct, for example), which is what a generation stops on.
-:func:`encode_prompt` encodes the prompt exactly as :func:`encode_example` does, so
-generation sees the same tokens training saw.
+:func:`encode_prompt` encodes the prompt exactly as :func:`encode_example` does (same template
+and special tokens), so generation sees the tokens training saw, with one exception: a prompt too
+long for ``cutoff_len`` is cut on the left to ``cutoff_len`` for generation, while training cuts
+it further to leave room for the answer (at least ``min(len(answer), cutoff_len // 4)`` tokens),
+so on such examples generation sees up to that many more prompt tokens than training did.
 """
 
 from __future__ import annotations
@@ -220,7 +223,8 @@ def encode_prompt(
     """Token ids of the prompt of ``example``, for generation.
 
     Encoded exactly as in :func:`encode_example`. When longer than ``cutoff_len`` it is cut
-    on the left (keeping a leading BOS). ``None`` disables the cut.
+    on the left to ``cutoff_len`` (keeping a leading BOS), not to the shorter length training
+    keeps beside its answer (module docstring). ``None`` disables the cut.
 
     Returns
     -------
