@@ -11,21 +11,14 @@ from safetensors.torch import load_file
 
 from flexlora.cli.main import main
 
-from .cli_common import as_sets, snapshot
+from .cli_common import TINY_BASE, finished_run, snapshot
 
-TINY = [
-    "model=builtin:tiny-llama", "num_clients=3", "clients_per_round=2", "local_steps=2", "rounds=1",
-    "data_options.max_per_task=4", "train.micro_batch_size=2", "train.cutoff_len=96", "eval.max_tasks=2",
-    "eval.max_examples_per_task=2", "eval.max_new_tokens=3", "eval.per_type=false",
-    "lora.types=[[2, 4], [4, 8]]",
-]
+TINY = [*TINY_BASE, "rounds=1", "eval.max_tasks=2"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["run", *as_sets(TINY), "--output", str(d), "--no-progress"]) == 0
-    return d
+    return finished_run(tmp_path_factory, "cli", TINY)
 
 
 def test_eval_reproduces_the_runs_final_score(run_dir: Path, tmp_path: Path, capsys) -> None:
