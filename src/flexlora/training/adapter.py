@@ -43,6 +43,7 @@ __all__ = [
     "detach_adapter",
     "get_factors",
     "linear_shapes",
+    "merged_weight",
     "live_factors",
     "rank_pattern_key",
     "set_factors",
@@ -51,6 +52,12 @@ __all__ = [
 
 # Attribute under which attach_adapter stores what detach_adapter must restore on the base.
 _SAVED_STATE_ATTR = "_flexlora_base_state"
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``weight + delta`` in ``weight``'s dtype and device, rounded once: the sum is formed in
+    float32 (adding a delta already rounded to bf16/fp16 would round twice)."""
+    return (weight.to(torch.float32) + delta.to(weight.device, torch.float32)).to(weight.dtype)
 
 
 def rank_pattern_key(module_name: str) -> str:

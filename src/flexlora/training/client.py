@@ -20,7 +20,14 @@ from flexlora.core.sparse import SparseUpdate
 from flexlora.core.types import ClientUpdate, Factors, lora_scaling
 from flexlora.data.examples import Example
 from flexlora.data.templates import encode_example
-from flexlora.training.adapter import check_ranks, client_adapter, get_factors, linear_shapes, live_factors
+from flexlora.training.adapter import (
+    check_ranks,
+    client_adapter,
+    get_factors,
+    linear_shapes,
+    live_factors,
+    merged_weight,
+)
 from flexlora.training.local import LocalTrainConfig, LocalTrainResult, train_local
 from flexlora.training.sparse import SparseTask, train_sparse_client
 
@@ -198,10 +205,7 @@ def merged_into_base(
                 w = modules[m].weight
                 saved[m] = w.detach().clone()
                 scale = lora_scaling(alpha, a.shape[0], rslora)
-                d = scale * (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32))
-                # Rounded once, as a sum: the merged weight is the one of w's dtype nearest to
-                # W + s B A (adding an update already rounded to bf16/fp16 rounds twice).
-                w.copy_((w.to(torch.float32) + d).to(w.dtype))
+                w.copy_(merged_weight(w, scale * (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32))))
         yield
     finally:
         with torch.no_grad():

@@ -17,7 +17,7 @@ from torch import nn
 
 from flexlora._atomic import make_sibling_dir
 from flexlora.core.types import Factors, lora_scaling
-from flexlora.training.adapter import client_adapter
+from flexlora.training.adapter import client_adapter, merged_weight
 
 __all__ = ["atomic_directory_write", "check_replaceable", "save_merged_model", "save_peft_adapter"]
 
@@ -194,8 +194,8 @@ def merged_state_dict(
                 f"module {name!r}: factors A{tuple(a.shape)}, B{tuple(b.shape)} do not fit its weight "
                 f"{tuple(w.shape)} (need A: (r, in), B: (out, r))"
             )
-        delta = lora_scaling(alpha, r, rslora) * (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32))
-        state[key] = (w.to(torch.float32) + delta).to(w.dtype)
+        state[key] = merged_weight(w, lora_scaling(alpha, r, rslora) * (b.to(w.device, torch.float32)
+                                                                          @ a.to(w.device, torch.float32)))
     return state
 
 

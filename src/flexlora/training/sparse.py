@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 
 from flexlora.core.sparse import SparseUpdate, dense_change, mask_prefix
 from flexlora.data.examples import Example
+from flexlora.training.adapter import merged_weight
 from flexlora.training.local import LocalTrainConfig, LocalTrainResult, train_local
 
 
@@ -64,8 +65,7 @@ def merged_sparse_change(model: torch.nn.Module, change: Mapping[str, torch.Tens
                 for m, shape in shapes.items():
                     w = modules[m].weight
                     saved[m] = w.detach().clone()
-                    d = dense_change(m, shape, change[m], seed).to(w.device, torch.float32)
-                    w.copy_((w.to(torch.float32) + d).to(w.dtype))  # one rounding, as merged_into_base
+                    w.copy_(merged_weight(w, dense_change(m, shape, change[m], seed)))
         yield
     finally:
         with torch.no_grad():
