@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -157,20 +157,11 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
         raise AggregationError("empty round: aggregate() needs at least one ClientUpdate")
     shapes: dict[str, tuple[int, int]] = {}
     first_modules: set[str] | None = None
-    seen: dict[Any, int] = {}
-    precision: tuple[bool, int, str] | None = None  # (float64?, client, module) of the first factors
+    register = RoundRegister()
     for i, u in enumerate(updates):
         who = u.label(i) if isinstance(u, ClientUpdate) else f"client {i}"
         if not isinstance(u, ClientUpdate):
             raise AggregationError(f"{who}: expected a flexlora.ClientUpdate, got {type(u).__name__}")
-        # The same update (or client) twice would count its weight twice.
-        for key in (("object", id(u)), ("id", u.client_id) if u.client_id is not None else None):
-            if key is None:
-                continue
-            if key in seen:
-                raise AggregationError(f"{who}: the same {'update' if key[0] == 'object' else 'client'} is already "
-                                       f"in the round as client {seen[key]}; each client may reply once per round")
-            seen[key] = i
         n = u.num_examples
         if isinstance(n, bool) or not isinstance(n, numbers.Real) or not (0 < n <= MAX_EXAMPLES) or n != int(n):
             raise AggregationError(
@@ -232,16 +223,6 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
                     "clients. All clients must adapt the same base model."
                 )
             shapes[name] = shape
-            wide = a.dtype == torch.float64 or b.dtype == torch.float64
-            if precision is None:
-                precision = (wide, i, name)
-            elif wide != precision[0]:
-                # The result's precision would follow whichever client came first.
-                raise AggregationError(
-                    f"{who}, module {name!r}: its factors are {'float64' if wide else 'below float64'} but client "
-                    f"{precision[1]}'s (module {precision[2]!r}) are {'float64' if precision[0] else 'below float64'}; "
-                    "give every client of a round the same precision (e.g. .double() or .float() on all factors)"
-                )
             if check_finite and not (_all_finite(a) and _all_finite(b)):
                 bad = "A" if not _all_finite(a) else "B"
                 raise AggregationError(
@@ -256,7 +237,59 @@ def validate_round(updates: Sequence[ClientUpdate], *, check_finite: bool = True
                         f"((alpha/r) ||B|| ||A|| = {bound:.3g} > {MAX_UPDATE_NORM:.0e}); drop this client's update "
                         "(its factors are corrupted or its training diverged)"
                     )
+        register.check(u, who, i)
+        register.record(u, i)
     return shapes
+
+
+class RoundRegister:
+    """What a round has taken in so far, for the checks across its clients: the same client (by
+    ``client_id``, or the same update object) twice would count its weight twice, and float64
+    factors beside lower precisions would make the result's precision follow whichever came
+    first. :func:`validate_round` keeps one per call; a streaming round keeps one across its
+    ``add`` calls, where replies already folded may be freed, so it holds them by weak reference
+    (a freed reply's address can be reused by the next one).
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._objects: dict[int, tuple[weakref.ref, int]] = {}
+        self._precision: tuple[bool, int, str] | None = None  # (float64?, client, module) of the first
+
+    def check(self, u: ClientUpdate, who: str, index: int) -> None:
+        """Refuse ``u`` (the round's client ``index``, its factors already validated) when its client
+        or the update itself is already in the round, or when a module's precision class differs
+        from the round's first factors (those of ``u``'s first module when it is the first)."""
+        held = self._objects.get(id(u))
+        if held is not None and held[0]() is u:
+            raise AggregationError(f"{who}: the same update is already in the round as client {held[1]}; each "
+                                   "client may reply once per round")
+        if u.client_id is not None and u.client_id in self._ids:
+            raise AggregationError(f"{who}: the same client is already in the round as client "
+                                   f"{self._ids[u.client_id]}; each client may reply once per round")
+        first = self._precision or (_is_float64(*next(iter(u.factors.values()))), index, next(iter(u.factors)))
+        for module, (a, b) in u.factors.items():
+            wide = _is_float64(a, b)
+            if wide != first[0]:
+                raise AggregationError(
+                    f"{who}, module {module!r}: its factors are {'float64' if wide else 'below float64'} but the "
+                    f"round's first client's are {'float64' if first[0] else 'below float64'} (client {first[1]}, "
+                    f"module {first[2]!r}); give every client of a round the same precision (e.g. .double() or "
+                    ".float() on all factors)"
+                )
+
+    def record(self, u: ClientUpdate, index: int) -> None:
+        """Note ``u`` as the round's client ``index``."""
+        self._objects[id(u)] = (weakref.ref(u), index)
+        if u.client_id is not None:
+            self._ids[u.client_id] = index
+        if self._precision is None:
+            module, (a, b) = next(iter(u.factors.items()))
+            self._precision = (_is_float64(a, b), index, module)
+
+
+def _is_float64(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == torch.float64 or b.dtype == torch.float64
 
 
 def _norm64(t: torch.Tensor) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
     Factors,
+    RoundRegister,
     check_rank_request,
     lora_scaling_denominator,
     validate_round,
@@ -193,6 +193,7 @@ class Aggregator(ABC):
         _check_alpha(alpha)
         _check_rslora(rslora)
         ranks = check_rank_request(rank, state.shapes)
+        self._check_ranks(state, ranks)
         out: dict[str, Factors] = {}
         for m, r in ranks.items():
             key = (m, r, float(alpha), self.split, rslora)
@@ -207,6 +208,10 @@ class Aggregator(ABC):
             # that the next client of the same rank receives.
             out[m] = (a.clone(), b.clone())
         return out
+
+    def _check_ranks(self, state: GlobalState, ranks: Mapping[str, int]) -> None:
+        """Refuse ranks this aggregator's state cannot serve exactly (none by default)."""
+        return None
 
     def _module_svd(self, state: GlobalState, module: str) -> LowRankSVD:
         key = ("svd", module)
@@ -257,11 +262,9 @@ class RoundAccumulator(ABC):
         self.count = 0
         self.total_examples = 0
         self._finished = False
-        self._seen: dict[Any, int] = {}  # client ids already folded in -> position
-        self._objects: dict[int, tuple[weakref.ref, int]] = {}  # id(update) -> (weak reference, position)
+        self._register = RoundRegister()  # clients and precision taken in so far, across the adds
         # Set by add() for _fold: whether what it keeps of an update must be a copy (add's `copy`).
         self._copy = True
-        self._float64: bool | None = None  # whether the round's factors are float64 (set by the first)
 
     def add(self, update: ClientUpdate, *, copy: bool = True) -> None:
         """Fold ``update`` into the round's aggregate.
@@ -289,21 +292,7 @@ class RoundAccumulator(ABC):
             # Name the update by its position in the round, not as "client 0" of a round of one.
             msg, first = str(exc), update.label(0) if isinstance(update, ClientUpdate) else "client 0"
             raise AggregationError(label + msg[len(first):] if msg.startswith(first) else msg) from None
-        # The same client twice would count its weight twice. Updates already folded may be gone
-        # (streaming frees them), so an object is recognised through a weak reference, not its id.
-        again = self._seen.get(("id", update.client_id)) if update.client_id is not None else None
-        held = self._objects.get(id(update))
-        if again is None and held is not None and held[0]() is update:
-            again = held[1]
-        if again is not None:
-            what = "client" if update.client_id is not None and ("id", update.client_id) in self._seen else "update"
-            raise AggregationError(f"{label}: the same {what} is already in the round as client {again}; each "
-                                   "client may reply once per round")
-        wide = any(t.dtype == torch.float64 for pair in update.factors.values() for t in pair)
-        if self._float64 is not None and wide != self._float64:
-            raise AggregationError(f"{label}: its factors are {'float64' if wide else 'below float64'} but the round's "
-                                   f"first client's are {'float64' if self._float64 else 'below float64'}; give every "
-                                   "client of a round the same precision (e.g. .double() or .float() on all factors)")
+        self._register.check(update, label, self.count)
         first = self.shapes is None
         if first:
             self.shapes = shapes
@@ -328,10 +317,7 @@ class RoundAccumulator(ABC):
             if first:
                 self.shapes = None  # a refused first update does not set the round's modules
             raise
-        self._float64 = wide
-        self._objects[id(update)] = (weakref.ref(update), self.count)
-        if update.client_id is not None:
-            self._seen[("id", update.client_id)] = self.count
+        self._register.record(update, self.count)
         self.count += 1
         self.total_examples += int(update.num_examples)
 

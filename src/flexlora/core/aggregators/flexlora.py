@@ -50,8 +50,6 @@ from flexlora.core.lowrank import LowRankSum, LowRankSVD, batches_well, svd_of_d
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
-    Factors,
-    check_rank_request,
     client_weights,
     lora_scaling_denominator,
     validate_round,
@@ -195,21 +193,18 @@ class FlexLoRA(Aggregator):
             round=(previous.round + 1) if previous is not None else 1,
         )
 
-    def distribute(
-        self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
-    ) -> dict[str, Factors]:
-        """As :meth:`Aggregator.distribute`; a rank above ``max_rank`` is refused when the state
-        was truncated to ``max_rank`` (it no longer holds the directions such a client would need)."""
-        if self.max_rank is not None and isinstance(state, GlobalState):
-            for m, r in check_rank_request(rank, state.shapes).items():
-                st = state.modules[m]
-                if r > self.max_rank and st.rank >= self.max_rank:
-                    raise AggregationError(
-                        f"module {m!r}: rank {r} requested, but this FlexLoRA keeps only max_rank = {self.max_rank} "
-                        "directions of the global update, so it cannot send the best rank-"
-                        f"{r} approximation; set max_rank to the largest rank it will distribute"
-                    )
-        return super().distribute(state, rank, alpha, rslora=rslora)
+    def _check_ranks(self, state: GlobalState, ranks: Mapping[str, int]) -> None:
+        # A rank above max_rank cannot be served once the state was truncated to max_rank: it no
+        # longer holds the directions such a client would need.
+        if self.max_rank is None:
+            return
+        for m, r in ranks.items():
+            if r > self.max_rank and state.modules[m].rank >= self.max_rank:
+                raise AggregationError(
+                    f"module {m!r}: rank {r} requested, but this FlexLoRA keeps only max_rank = {self.max_rank} "
+                    f"directions of the global update, so it cannot send the best rank-{r} approximation; set "
+                    "max_rank to the largest rank it will distribute"
+                )
 
     def begin_round(
         self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
