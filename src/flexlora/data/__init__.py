@@ -12,21 +12,14 @@ from flexlora.data.demo_tasks import (
     TaskFamily,
     load_demo_tasks,
 )
+from flexlora.data.dolly import DOLLY_CATEGORIES, DOLLY_DEFAULT_UNSEEN, DOLLY_HUB_NAME, load_dolly
 from flexlora.data.errors import DataError
 from flexlora.data.examples import Example, TaskData, iter_examples
-from flexlora.data.loaders import (
-    DOLLY_CATEGORIES,
-    DOLLY_DEFAULT_UNSEEN,
-    DOLLY_HUB_NAME,
-    JSONL_FIELD_DEFAULTS,
-    load_dolly,
-    load_eval_data,
-    load_jsonl,
-    load_natural_instructions,
-    load_task_data,
-    read_records,
-)
+from flexlora.data.jsonl import JSONL_FIELD_DEFAULTS, load_jsonl
+from flexlora.data.loaders import load_eval_data, load_task_data
+from flexlora.data.natural_instructions import load_natural_instructions
 from flexlora.data.partition import PARTITION_METHODS, Partition, partition_examples
+from flexlora.data.records import read_records
 from flexlora.data.templates import (
     IGNORE_INDEX,
     TEMPLATES,
