@@ -86,16 +86,25 @@ def test_every_issue_key_is_settable() -> None:
         (["seed=-1"], "config key 'seed': must be >= 0"),
         (["train.momentum=0.9"], "config key 'train.momentum': applies to optimizer 'sgd' only"),
         (["train.optimizer=\"sgd\"", "train.momentum=1.5"], "config key 'train.momentum': must be in [0, 1)"),
-        (["train.hetlora_gamma=-3"], "config key 'train.hetlora_gamma': must be a fraction in (0, 1]"),
-        (["train.hetlora_min_rank=-5"], "config key 'train.hetlora_min_rank': must be >= 0"),
+        (["aggregator=hetlora", "hetlora.gamma=-3"], "config key 'hetlora.gamma': must be a fraction in (0, 1]"),
+        (["aggregator=hetlora", "hetlora.min_rank=-5"], "config key 'hetlora.min_rank': must be >= 0"),
+        # Older configs' keys are read into the method's section, and checked there.
+        (["aggregator=hetlora", "train.hetlora_gamma=-3"], "config key 'hetlora.gamma': must be a fraction"),
+        (["hetlora.gamma=0.5"], "section [hetlora] holds the settings of method 'hetlora', but aggregator = "
+                                "'flexlora' does not read them"),
         (["aggregator=fedavg", "num_clients=2", "lora.ranks=[4, 8]"], "every client needs the same ranks"),
         (["aggregator=slora", "num_clients=2", "lora.ranks=[4, 8]"], "every client needs the same ranks"),
         # Aggregator settings are checked before the model loads; an unknown one lists the valid ones.
-        (["aggregator_options.foo=1"], "aggregator 'flexlora' has no setting 'foo'; its settings are max_rank, "),
-        (["aggregator=hetlora", "aggregator_options.gamma=2"], "no setting 'gamma'; its settings are weighting, "),
-        (['aggregator_options.svd_method="qrr"'], "config key 'aggregator_options': svd_method must be"),
+        (["flexlora.foo=1"], "unknown config key 'flexlora.foo'; its settings are max_rank, "),
+        (["aggregator_options.foo=1"], "unknown config key 'flexlora.foo'; its settings are max_rank, "),
+        (["aggregator=hetlora", "hetlora.gama=2"], "unknown config key 'hetlora.gama'; did you mean 'gamma'?"),
+        (['flexlora.svd_method="qrr"'], "config key 'flexlora.svd_method': must be one of"),
+        (['aggregator_options.svd_method="qrr"'], "config key 'flexlora.svd_method': must be one of"),
+        (["aggregator=slora", 'slora.then="flexlora"', 'flexlora.remedy="x"'],
+         "config key 'flexlora.remedy': must be one of"),
         (["aggregator=slora", 'slora.then="flexlora"', 'aggregator_options.remedy="x"'],
-         "config key 'aggregator_options': remedy must be one of"),
+         "config key 'flexlora.remedy': must be one of"),
+        (["aggregator=fedit", "fedit.x=1"], "unknown config key 'fedit.x'; method 'fedit' has no settings"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], needle: str) -> None:
@@ -221,7 +230,7 @@ def test_bad_data_keys_name_the_key(overrides: list[str], needle: str) -> None:
 
 
 def test_data_options_field_keys_reach_the_loader(tmp_path) -> None:
-    from flexlora.engines.federation import load_run_data
+    from flexlora.engines.run_setup import load_run_data
 
     data_file = _renamed_file(tmp_path)
     cfg = load_config(None, [f"data={data_file}", *(f"data_options.{s}" for s in FIELD_SETS)])
@@ -236,7 +245,7 @@ def test_data_options_field_keys_reach_the_loader(tmp_path) -> None:
 
 def test_missing_field_error_gives_the_set_fix_that_works(tmp_path) -> None:
     from flexlora.data import DataError
-    from flexlora.engines.federation import load_run_data
+    from flexlora.engines.run_setup import load_run_data
 
     data_file = _renamed_file(tmp_path)
     with pytest.raises(DataError) as err:
@@ -253,7 +262,7 @@ def test_missing_field_error_gives_the_set_fix_that_works(tmp_path) -> None:
 
 def test_field_keys_for_a_non_json_data_set_are_rejected() -> None:
     from flexlora.data import DataError
-    from flexlora.engines.federation import load_run_data
+    from flexlora.engines.run_setup import load_run_data
 
     with pytest.raises(DataError, match="remove data_options.task_field from the config"):
         load_run_data(load_config(None, ["data_options.task_field=category"]))  # builtin:demo-tasks
@@ -320,7 +329,7 @@ def test_eval_data_on_training_tasks_warns(tmp_path) -> None:
 
 def test_eval_data_errors_name_the_eval_keys(tmp_path) -> None:
     from flexlora.data import DataError
-    from flexlora.engines.federation import load_run_eval_data
+    from flexlora.engines.run_setup import load_run_eval_data
 
     assert load_run_eval_data(load_config(None, [])) is None
     eval_file = _renamed_file(tmp_path)
@@ -336,7 +345,7 @@ def test_eval_data_errors_name_the_eval_keys(tmp_path) -> None:
 def test_eval_data_natural_instructions_test_tasks(tmp_path) -> None:
     from pathlib import Path
 
-    from flexlora.engines.federation import load_run_eval_data
+    from flexlora.engines.run_setup import load_run_eval_data
 
     root = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "ni"
     data = load_run_eval_data(load_config(None, [f"eval.data={root}", "eval.max_examples_per_task=1"]))
@@ -348,7 +357,7 @@ def test_eval_data_natural_instructions_test_tasks(tmp_path) -> None:
     ("dup.yaml", "rounds: 1\nrounds: 3\n", "line 2: key 'rounds' is given twice"),
     ("intkey.yaml", "1: x\n", "line 1: key 1 is not a name"),
     ("agg.yaml", "aggregator_options:\n  1: 2\n", "line 2: key 1 is not a name"),
-    ("null.yaml", "aggregator_options: {max_rank: null}\n", "config key 'aggregator_options': cannot write NoneType"),
+    ("null.yaml", "aggregator_options: {max_rank: null}\n", "config key 'flexlora.max_rank': must be int, got NoneType"),
     ("list.yaml", "- a\n- b\n", "the config must be a table of settings"),
     ("false.yaml", "false\n", "the config must be a table of settings"),
     ("CAPS.TOML", "rounds = 2\n", None),

@@ -352,10 +352,10 @@ METHODS: tuple[_Method, ...] = (
             lambda p: p.rslora_distributions),
     # Beyond the paper: FlexLoRA with a rank-collapse remedy (flexlora.core.aggregators.flexlora).
     _Method("FlexLoRA+FedIT server-memory",
-            lambda p: ("aggregator=flexlora", _ADAMW, 'aggregator_options.remedy="server-memory"'),
+            lambda p: ("aggregator=flexlora", _ADAMW, 'flexlora.remedy="server-memory"'),
             lambda p: p.remedy_distributions),
     _Method("FlexLoRA+FedIT rank-partitioned",
-            lambda p: ("aggregator=flexlora", _ADAMW, 'aggregator_options.remedy="rank-partitioned"'),
+            lambda p: ("aggregator=flexlora", _ADAMW, 'flexlora.remedy="rank-partitioned"'),
             lambda p: p.remedy_distributions),
     # Reference: every client at the largest type, the upper end FlexLoRA's heterogeneous rows aim at.
     _Method("FedIT rich", lambda p: ("aggregator=fedit", _ADAMW, f"lora.types=[[{p.largest_type[0]}, "

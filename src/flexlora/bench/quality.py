@@ -38,9 +38,8 @@ from flexlora.bench.grid import (
     grid_rows,
 )
 from flexlora.bench.report import grid_settings, write_report
-from flexlora.engines.checkpoint import atomic_write_text
+from flexlora.engines.checkpoint import atomic_write_text, run_fingerprint
 from flexlora.engines.config import ConfigError, RunConfig, load_config, parse_override
-from flexlora.engines.federation import run_fingerprint
 from flexlora.engines.outputs import read_metrics, write_metrics
 from flexlora.engines.simulation import Simulation
 
@@ -365,7 +364,7 @@ def _check_data(plans: Sequence[Plan]) -> None:
     """Load each data set of the grid once, before anything runs: a bad file or a data set without
     unseen examples to evaluate fails here in seconds, not once per row."""
     from flexlora.data.errors import DataError
-    from flexlora.engines.federation import load_run_data, load_run_eval_data
+    from flexlora.engines.run_setup import load_run_data, load_run_eval_data
 
     seen: set[tuple[str, str]] = set()
     for pl in plans:

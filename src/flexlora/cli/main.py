@@ -147,10 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log, read_only=True)
     if args.overrides:
         sim.use_eval_settings(_resume_config(args.run_dir, args.overrides).eval)
-    if args.base:
-        sim.state = None
-        sim.slora_change = None  # the base model, not W0 plus SLoRA's stage-1 change
-    res = sim.evaluate()
+    res = sim.evaluation.evaluate(base=True) if args.base else sim.evaluate()
     text = json.dumps(res, indent=2, sort_keys=True)
     print(text)
     if args.json:
@@ -187,8 +184,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _resume_config(args.run_dir, [])
     sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log, read_only=True)
     if sim.state is None:
-        raise ConfigError(f"{args.run_dir} has no global adapter yet (its checkpoint is from "
-                          f"{'SLoRA stage 1' if sim.slora_change is not None else 'before round 1'}); "
+        raise ConfigError(f"{args.run_dir} has no global adapter yet (after round {sim.start_round - 1}, aggregator "
+                          f"{cfg.aggregator!r} has built none: SLoRA builds it at the end of its stage 1); "
                           "continue the run with --resume first")
     factors = sim.global_factors(args.rank)
     save_peft_adapter(sim.model, factors, cfg.lora.alpha, out, base_model_name_or_path=cfg.model,
@@ -236,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from flexlora.data.errors import DataError
     from flexlora.engines.checkpoint import CheckpointError
     from flexlora.engines.config import ConfigError
-    from flexlora.engines.federation import FederationError
+    from flexlora.engines.rounds import FederationError
     from flexlora.training.models import ModelLoadError, ModelSpecError
 
     handlers = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "config": cmd_config, "bench": cmd_bench}

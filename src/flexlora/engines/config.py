@@ -3,9 +3,9 @@ YAML, overridden with ``--set key=value``, and validated with messages that name
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-import math
 import re
 import tomllib
 import typing
@@ -13,15 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexlora.settings import ConfigError, check_types, field_default, non_defaults, setting
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and says what is accepted."""
+__all__ = ["ConfigError", "RunConfig", "describe", "from_dict", "load_config", "parse_override", "to_toml",
+           "validate"]
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = setting
 
 
 @dataclass
@@ -43,15 +41,6 @@ class TrainSection:
     train_on_inputs: bool = _f(False, "Also compute the loss on prompt tokens (default: response only).")
     template: str = _f("alpaca", "Prompt template: 'alpaca' (the paper's), 'chat' (the model's chat template) "
                        "or 'plain'.", choices=("alpaca", "chat", "plain"))
-    hetlora_strength: float = _f(1e-3, "Strength of HetLoRA's rank self-pruning regulariser (hetlora only).")
-    hetlora_gamma: float = _f(0.99, "Fraction of each rank not penalised by the regulariser, and the factor a "
-                              "pruned rank is multiplied by (hetlora only).")
-    hetlora_prune: bool = _f(True, "HetLoRA's rank self-pruning (hetlora only): after a round, each module of a "
-                             "client whose tail is small keeps floor(hetlora_gamma * r) ranks in its next rounds.")
-    hetlora_prune_threshold: float = _f(1e-3, "A module's rank is pruned when ||B_tail|| ||A_tail|| / (||B|| ||A||) "
-                                        "is below this (hetlora only).")
-    hetlora_min_rank: int = _f(0, "Floor of the pruned ranks; 0 = the smallest rank of that module among the run's "
-                               "client types (hetlora only).")
 
 
 @dataclass
@@ -137,18 +126,6 @@ class ExportSection:
 
 
 @dataclass
-class SLoRASection:
-    """SLoRA (aggregator = "slora"): sparse stage 1, then LoRA from the SVD of its change."""
-
-    stage1_rounds: int = _f(2, "Rounds of stage 1: sparse full-parameter changes on a fixed random mask per "
-                            "module, averaged with data-size weights.")
-    density: float = _f(0.0, "Mask density of stage 1 in (0, 1]; 0 = each client type's LoRA parameter share "
-                        "of the module, r (out + in) / (out in).")
-    then: str = _f("fedit", "Aggregation of stage 2: fedit (homogeneous ranks) or flexlora.",
-                   choices=("fedit", "flexlora"))
-
-
-@dataclass
 class FlowerSection:
     """Settings of the Flower engine only (not part of the run's identity: a run may resume with other values)."""
 
@@ -173,7 +150,8 @@ class RunConfig:
                     "a local model directory, a .gguf file, or a hub id (online).")
     data: str = _f("builtin:demo-tasks", "Data: builtin:demo-tasks, a natural-instructions directory, a Dolly-15k "
                    "JSONL (or databricks/databricks-dolly-15k online), or a generic JSON/JSONL file.")
-    aggregator: str = _f("flexlora", "Server aggregation: flexlora, fedavg (fedit), hetlora, flora, slora.")
+    aggregator: str = _f("flexlora", "The federated method: flexlora, fedit (fedavg), hetlora, flora, slora (or a "
+                         "registered one); its settings are the section of its name, e.g. [flexlora].")
     rank_distribution: str = _f("uniform", "Client resource distribution: homo, uniform, heavy-tail-light, "
                                 "heavy-tail-strong, normal.")
     num_clients: int = _f(0, "Number of clients (0 = one per task of the data).")
@@ -188,20 +166,34 @@ class RunConfig:
     device: str = _f("auto", "Torch device: auto, cpu, cuda, cuda:1, mps.")
     dtype: str = _f("float32", "Base model dtype: float32, bfloat16 or float16.",
                     choices=("float32", "bfloat16", "float16"))
-    aggregator_options: dict = _f({}, "Extra keyword settings of the aggregator (e.g. max_rank, svd_method).")
     train: TrainSection = field(default_factory=TrainSection, metadata={"help": "Local training."})
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA settings."})
     data_options: DataSection = field(default_factory=DataSection, metadata={"help": "Data partition."})
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
     export: ExportSection = field(default_factory=ExportSection, metadata={"help": "Exports."})
-    slora: SLoRASection = field(default_factory=SLoRASection, metadata={"help": "SLoRA's two stages."})
     flower: FlowerSection = field(default_factory=FlowerSection, metadata={"help": "Flower engine."})
+    method_options: dict = field(default_factory=dict, metadata={
+        "help": "The method's settings sections ({section name: options}); in a file, the section of the "
+                "method's name ([flexlora], [hetlora], [slora], ...).", "sections": True})
 
     def __post_init__(self) -> None:
         validate(self)
 
+    def options(self, section: str | None = None) -> Any:
+        """The options of ``section`` (default: the method's own, named like ``aggregator``)."""
+        from flexlora.methods import method_class
+
+        return self.method_options[section or method_class(self.aggregator).name]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values; the method's sections appear as top-level tables named after them."""
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "method_options"}
+        for k, v in d.items():
+            if dataclasses.is_dataclass(v):
+                d[k] = dataclasses.asdict(v)
+        for name, opts in self.method_options.items():
+            d[name] = dataclasses.asdict(opts)
+        return d
 
 
 def _fail(key: str, msg: str) -> None:
@@ -211,16 +203,12 @@ def _fail(key: str, msg: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check types, choices and ranges of every field; raise :class:`ConfigError` naming the key."""
     _check_types(cfg, "")
-    from flexlora.core.aggregators import available_aggregators, averages_factors
     from flexlora.core.distributions import available_distributions
+    from flexlora.methods import method_class
 
-    if cfg.aggregator.lower() not in (*available_aggregators(), "slora"):
-        _fail("aggregator", f"unknown aggregator {cfg.aggregator!r}; choose one of "
-              f"{(*available_aggregators(), 'slora')}")
-    if cfg.slora.stage1_rounds < 1:
-        _fail("slora.stage1_rounds", "must be >= 1 (for no sparse stage use the aggregator of slora.then)")
-    if not 0.0 <= cfg.slora.density <= 1.0:
-        _fail("slora.density", f"must be in (0, 1], or 0 for each client type's LoRA share; got {cfg.slora.density!r}")
+    method = method_class(cfg.aggregator)
+    cfg.method_options = method_sections(cfg.aggregator, cfg.method_options)
+    own = cfg.method_options[method.name]
     if cfg.rank_distribution not in available_distributions():
         _fail("rank_distribution", f"unknown distribution {cfg.rank_distribution!r}; "
               f"choose one of {available_distributions()}")
@@ -252,20 +240,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.lora.alpha <= 0:
         _fail("lora.alpha", "must be > 0")
     agg = cfg.aggregator.lower()
-    # Build the aggregator once here, so a misspelt or out-of-range setting stops the run before
-    # the model loads and before anything is written to the run directory.
-    from flexlora.core.aggregators import get_aggregator
-    from flexlora.core.types import AggregationError
-
-    options = dict(cfg.aggregator_options)
-    name = cfg.slora.then if agg == "slora" else agg
-    if name == "flexlora":
-        options.setdefault("max_rank", 1)  # the run sets it from the largest client rank
-    try:
-        get_aggregator(name, **options)
-    except AggregationError as exc:
-        _fail("aggregator_options", str(exc))
-    if cfg.lora.init == "per-client" and agg != "slora" and averages_factors(agg):
+    if cfg.lora.init == "per-client" and method.averages_factors:
         _fail("lora.init", f"'per-client' with aggregator {agg!r} would average independent random A matrices "
               "(it averages the factors, not their products); use lora.init='shared', or an aggregator of "
               "products (flexlora, flora)")
@@ -285,8 +260,7 @@ def validate(cfg: RunConfig) -> None:
     if [tuple(t) for t in cfg.lora.types] != sorted(tuple(t) for t in cfg.lora.types):
         # The distributions index the types by size ("homo" = the first, heavy tails weigh the ends).
         _fail("lora.types", f"list the types smallest first, got {cfg.lora.types!r}")
-    if cfg.lora.ranks and cfg.aggregator.lower() in ("fedavg", "fedit", "slora") and (
-            cfg.aggregator.lower() != "slora" or cfg.slora.then == "fedit"):
+    if cfg.lora.ranks and method.homogeneous(own):
         distinct = {(r, r) if isinstance(r, int) else tuple(r) for r in cfg.lora.ranks}
         if len(distinct) > 1:
             _fail("lora.ranks", f"aggregator {cfg.aggregator!r} averages factors entrywise, so every client needs the "
@@ -299,19 +273,6 @@ def validate(cfg: RunConfig) -> None:
         _fail("train.momentum", f"applies to optimizer 'sgd' only (the optimizer is {t.optimizer!r}); leave it at 0")
     if not 0 <= t.momentum < 1:
         _fail("train.momentum", f"must be in [0, 1), got {t.momentum!r}")
-    if not 0 < t.hetlora_gamma <= 1:
-        _fail("train.hetlora_gamma", f"must be a fraction in (0, 1], got {t.hetlora_gamma!r}")
-    for key, v in (("train.hetlora_strength", t.hetlora_strength), ("train.hetlora_min_rank", t.hetlora_min_rank),
-                   ("train.hetlora_prune_threshold", t.hetlora_prune_threshold)):
-        if v < 0:
-            _fail(key, f"must be >= 0, got {v!r}")
-    bad_keys = [k for k in cfg.aggregator_options if not isinstance(k, str)]
-    if bad_keys:
-        _fail("aggregator_options", f"setting names must be strings, got {bad_keys!r}")
-    try:
-        _toml_value(cfg.aggregator_options)
-    except TypeError as exc:
-        _fail("aggregator_options", f"{exc} (a null setting: leave the key out for its default)")
     if cfg.lora.ranks and cfg.num_clients and len(cfg.lora.ranks) != cfg.num_clients:
         _fail("lora.ranks", f"gives {len(cfg.lora.ranks)} ranks but num_clients is {cfg.num_clients}")
     if cfg.data_options.dirichlet_alpha <= 0:
@@ -338,36 +299,41 @@ def validate(cfg: RunConfig) -> None:
         _fail("export.rank", "must be >= 0 (0 = the largest client rank)")
 
 
-def _check_types(obj: Any, prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        key = f"{prefix}{f.name}"
-        value = getattr(obj, f.name)
-        want = hints[f.name]
-        if dataclasses.is_dataclass(want):
-            if not isinstance(value, want):
-                _fail(key, f"must be a table of settings, got {type(value).__name__}")
-            _check_types(value, key + ".")
-            continue
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            try:
-                value = float(value)
-            except OverflowError:
-                _fail(key, f"must be a finite number, got an int of {len(str(value))} digits")
-            setattr(obj, f.name, value)
-        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        if not ok:
-            _fail(key, f"must be {want.__name__}, got {type(value).__name__} {value!r}")
-        if want is float and not math.isfinite(value):
-            _fail(key, f"must be a finite number, got {value!r}")
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            _fail(key, f"must be one of {list(choices)}, got {value!r}")
+def _check_types(cfg: RunConfig, prefix: str) -> None:
+    # The method sections are checked against their own dataclasses when they are built.
+    if not isinstance(cfg.method_options, dict):
+        _fail("method_options", f"must map section names to options, got {type(cfg.method_options).__name__}")
+    check_types(cfg, prefix)
+
+
+def method_sections(aggregator: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options sections a run of ``aggregator`` reads: those in ``given`` (section name ->
+    options dataclass), defaults for the rest; sections of other methods are dropped."""
+    from flexlora.methods import method_class
+
+    cls = method_class(aggregator)
+    own = given.get(cls.name)
+    if own is None:
+        own = cls.Options()
+    out = {}
+    for name in cls.sections(own):
+        opts = own if name == cls.name else given.get(name)
+        out[name] = opts if opts is not None else method_class(name).Options()
+    for name, opts in out.items():
+        if not isinstance(opts, method_class(name).Options):
+            _fail(name, f"must be a {method_class(name).Options.__name__}, got {type(opts).__name__}")
+    return out
 
 
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(RunConfig)
     return {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
+
+
+def _known_top_keys() -> list[str]:
+    from flexlora.methods import available_methods
+
+    return [k for k in _known_keys(RunConfig) if k != "method_options"] + available_methods()
 
 
 def _known_keys(cls: type) -> list[str]:
@@ -380,12 +346,67 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+# Keys of configs written before the methods had their own sections (every config.toml of an
+# older run holds them): read into the section they now belong to.
+_LEGACY_TRAIN_KEYS = {"hetlora_strength": "strength", "hetlora_gamma": "gamma", "hetlora_prune": "prune",
+                      "hetlora_prune_threshold": "prune_threshold", "hetlora_min_rank": "min_rank"}
+_LEGACY_BATCH = {True: "always", False: "never"}
+
+
+def _translate_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """``train.hetlora_*`` into ``[hetlora]`` and ``aggregator_options`` into the method's section
+    (for slora: its stage 2's); a key given in the section itself wins."""
+    from flexlora.methods import method_class
+
+    data = dict(data)
+    agg = data.get("aggregator", RunConfig.__dataclass_fields__["aggregator"].default)
+    if not isinstance(agg, str):
+        return data  # the type check names the key
+    train = data.get("train")
+    if isinstance(train, dict) and any(k in _LEGACY_TRAIN_KEYS for k in train):
+        train = dict(train)
+        moved = {_LEGACY_TRAIN_KEYS[k]: train.pop(k) for k in list(train) if k in _LEGACY_TRAIN_KEYS}
+        data["train"] = train
+        if method_class(agg).name == "hetlora":
+            section = data.get("hetlora", {})
+            if isinstance(section, dict):
+                data["hetlora"] = {**moved, **section}
+    if "aggregator_options" in data:
+        legacy = data.pop("aggregator_options")
+        if not isinstance(legacy, dict):
+            raise ConfigError(f"config key 'aggregator_options': must be a table of settings, got {legacy!r}")
+        bad = [k for k in legacy if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"config key 'aggregator_options': setting names must be strings, got {bad!r}")
+        target = method_class(agg).name
+        if target == "slora":
+            slora = data.get("slora")
+            target = method_class(slora.get("then", "fedit") if isinstance(slora, dict) else "fedit").name
+        legacy = {k: _LEGACY_BATCH.get(v, v) if k == "batch_modules" and isinstance(v, bool) else v
+                  for k, v in legacy.items()}
+        if legacy:
+            section = data.get(target, {})
+            if isinstance(section, dict):
+                data[target] = {**legacy, **section}
+    return data
+
+
 def from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build and validate a :class:`RunConfig` from nested plain values; unknown keys are errors."""
+    """Build and validate a :class:`RunConfig` from nested plain values; unknown keys are errors.
+
+    A method's settings are the section of its name (``[flexlora]``); a section of another
+    method than the run's is refused unless it holds only defaults (older config.toml files list
+    every section). The keys of older configs (``aggregator_options``, ``train.hetlora_*``) are
+    read into their sections.
+    """
+    from flexlora.methods import method_class, options_of
+
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a table of settings, got {type(data).__name__}")
+    data = _translate_legacy(data)
     sections = _section_types()
     kwargs: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for key, value in data.items():
         if key in sections:
             if not isinstance(value, dict):
@@ -395,10 +416,34 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
                 if sk not in sub_known:
                     raise _unknown(f"{key}.{sk}", sub_known)
             kwargs[key] = sections[key](**value)
-        elif key in _known_keys(RunConfig):
+        elif key in _known_top_keys() and key not in _known_keys(RunConfig):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}': must be a table of settings (the options of method "
+                                  f"{key!r}), got {value!r}")
+            given[method_class(key).name] = (key, value)
+        elif key in _known_top_keys():
             kwargs[key] = value
         else:
-            raise _unknown(key, _known_keys(RunConfig))
+            raise _unknown(key, _known_top_keys())
+    agg = kwargs.get("aggregator", RunConfig.__dataclass_fields__["aggregator"].default)
+    if not isinstance(agg, str):
+        _fail("aggregator", f"must be str, got {type(agg).__name__} {agg!r}")
+    cls = method_class(agg)
+    own_key, own_values = given.get(cls.name, (cls.name, {}))
+    own = options_of(cls, own_values, f"{own_key}.")
+    needed = cls.sections(own)
+    options: dict[str, Any] = {cls.name: own}
+    for name, (key, values) in given.items():
+        if name == cls.name:
+            continue
+        opts = options_of(method_class(name), values, f"{key}.")
+        if name in needed:
+            options[name] = opts
+        elif non_defaults(opts):
+            raise ConfigError(f"config key '{key}': section [{key}] holds the settings of method {key!r}, but "
+                              f"aggregator = {agg!r} does not read them; remove the section, or set "
+                              f"aggregator = {key!r}")
+    kwargs["method_options"] = options
     return RunConfig(**kwargs)
 
 
@@ -500,7 +545,7 @@ def to_toml(cfg: RunConfig) -> str:
     lines: list[str] = []
     tables = []
     for k, v in d.items():
-        if isinstance(v, dict) and k in _section_types():
+        if isinstance(v, dict) and (k in _section_types() or k in cfg.method_options):
             tables.append((k, v))
         else:
             lines.append(f"{k} = {_toml_value(v)}")
@@ -528,19 +573,34 @@ def _toml_value(v: Any) -> str:
 
 
 def describe() -> str:
-    """Every key with its default and help text (for ``flexlora run --help-config``)."""
+    """Every key with its default and help text (``flexlora config``), then each registered
+    method's own section."""
+    from flexlora.methods import available_methods, method_class
+
     out = []
 
     def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            hints = typing.get_type_hints(cls)
+            if f.metadata.get("sections"):
+                continue
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            out.append(f"{prefix}{f.name} = {_toml_value(default)}\n    {f.metadata.get('help', '')}")
+            choices = f.metadata.get("choices")
+            extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
+            out.append(f"{prefix}{f.name} = {_toml_value(field_default(f))}\n    {f.metadata.get('help', '')}{extra}")
 
     walk(RunConfig, "")
+    seen = set()
+    for name in available_methods():
+        cls = method_class(name)
+        if cls in seen:
+            continue
+        seen.add(cls)
+        aliases = [n for n in available_methods() if method_class(n) is cls and n != cls.name]
+        also = f" (also aggregator = {', '.join(repr(a) for a in aliases)})" if aliases else ""
+        out.append(f"\n[{cls.name}]: settings of aggregator = {cls.name!r}{also}. "
+                   f"{(cls.Options.__doc__ or '').strip()}")
+        walk(cls.Options, f"{cls.name}.")
     return "\n".join(out)
-
-

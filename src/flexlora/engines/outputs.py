@@ -119,3 +119,35 @@ def summary_table(records: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
     with console.capture() as cap:
         console.print(table)
     return cap.get()
+
+
+def export_run(fed: Any, seconds: float) -> Any:
+    """Write a finished run's global adapter (PEFT format; the merged model with ``export.merged``),
+    its plots and summary.txt; returns its :class:`~flexlora.engines.rounds.RunResult`."""
+    import resource
+
+    from flexlora.core.distributions import type_counts
+    from flexlora.engines.rounds import RunResult
+    from flexlora.training.export import save_merged_model, save_peft_adapter
+
+    factors = fed.global_factors()
+    save_peft_adapter(fed.model, factors, fed.cfg.lora.alpha, fed.run_dir / "adapter",
+                      base_model_name_or_path=fed.cfg.model, rslora=fed.cfg.lora.rslora)
+    if fed.cfg.export.merged:
+        save_merged_model(fed.model, fed.tokenizer, factors, fed.cfg.lora.alpha, fed.run_dir / "merged",
+                          rslora=fed.cfg.lora.rslora)
+    plot_curves(fed.records, fed.run_dir / "plots")
+    counts = type_counts([fed.types[t] for t in fed.client_type])
+    info = {
+        "run_dir": str(fed.run_dir),
+        "model": fed.cfg.model,
+        "aggregator": fed.cfg.aggregator,
+        "clients (per type)": ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+        "rounds": fed.cfg.rounds,
+        "time (this process)": f"{seconds:.0f}s",
+        "peak memory": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
+        "adapter": str(fed.run_dir / "adapter"),
+    }
+    summary = summary_table(fed.records, info)
+    atomic_write_text(fed.run_dir / "summary.txt", summary)
+    return RunResult(fed.run_dir, fed.records, summary)

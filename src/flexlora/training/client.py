@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from flexlora.core.aggregators.hetlora import rank_pruning_penalty
 from flexlora.core.initial import fresh_factors
-from flexlora.core.sparse import SparseUpdate
 from flexlora.core.types import ClientUpdate, Factors, lora_scaling
 from flexlora.data.examples import Example
 from flexlora.data.templates import encode_example
@@ -24,12 +24,10 @@ from flexlora.training.adapter import (
     check_ranks,
     client_adapter,
     get_factors,
-    linear_shapes,
     live_factors,
     merged_weight,
 )
 from flexlora.training.local import LocalTrainConfig, LocalTrainResult, train_local
-from flexlora.training.sparse import SparseTask, train_sparse_client
 
 
 @dataclass
@@ -142,6 +140,10 @@ def train_client(
 class ClientTask:
     """Everything a client needs from the server for one round (what one engine message carries).
 
+    The payload is plain, so that every engine moves every method's tasks without knowing them:
+    the method that planned the task (:mod:`flexlora.methods`) gives ``tensors`` and ``meta``
+    their meaning, and its ``client_train`` reads them on the client.
+
     Parameters
     ----------
     round : int
@@ -149,32 +151,21 @@ class ClientTask:
         The client's index in the run (its data partition).
     spec : ClientSpec
         Its id, per-module ranks, alpha and type name.
-    init : mapping module -> (A, B) or None
-        The global adapter distributed to the client's ranks; None when the client starts from a
-        fresh adapter (round 1, and every FLoRA round).
     seed : int
         Seeds the client's batch order and dropout.
-    base_delta : mapping module -> (A, B) or None
-        FLoRA only: the exact global update as factors of rank ``R``, with effective update
-        ``(spec.alpha / R) B @ A`` (``spec.alpha / sqrt(R)`` with ``spec.rslora``), merged into the base weights while the client trains a fresh LoRA.
-    hetlora : (strength, gamma) or None
-        HetLoRA's rank self-pruning regulariser.
-    sparse : SparseTask or None
-        SLoRA's stage 1: train a sparse change on the client's mask instead of LoRA factors.
-    init_seed : int or None
-        With ``init`` None: the seed of the fresh adapter that every client of the round shares
-        (:func:`flexlora.core.initial.fresh_factors`); the client draws it, nothing is sent.
+    tensors : dict name -> Tensor
+        The method's tensors for this client (for LoRA methods the global adapter distributed
+        to the client's ranks as ``"init/<module>::A"``/``::B``; FLoRA's base as ``"base/..."``).
+    meta : dict
+        The method's plain JSON values (seeds, regulariser settings, mask sizes, ...).
     """
 
     round: int
     client: int
     spec: ClientSpec
-    init: Mapping[str, Factors] | None
     seed: int
-    base_delta: Mapping[str, Factors] | None = None
-    hetlora: tuple[float, float] | None = None
-    sparse: SparseTask | None = None
-    init_seed: int | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -213,51 +204,6 @@ def merged_into_base(
                 modules[m].weight.copy_(w0)
 
 
-def run_client_task(
-    base_model: torch.nn.Module,
-    tokenizer,
-    task: ClientTask,
-    examples: Sequence[Example],
-    train_cfg: LocalTrainConfig,
-    *,
-    encoding: EncodingOptions | None = None,
-    dropout: float = 0.0,
-    on_step: Callable[[int, float], None] | None = None,
-) -> tuple[ClientUpdate, LocalTrainResult]:
-    """One client's round from a :class:`ClientTask`: the function every engine calls on the client side.
-
-    Merges FLoRA's ``base_delta`` into the base (when given), then runs :func:`train_client`; an
-    SLoRA stage-1 task (``task.sparse``) trains its sparse change instead and returns a
-    :class:`~flexlora.core.sparse.SparseUpdate`. The base model is bit-identical on return.
-    """
-    if task.sparse is not None:
-        if not examples:
-            raise ValueError(f"client {task.spec.client_id!r} has no training examples")
-        shapes = linear_shapes(base_model, task.sparse.counts)
-        features = encode_examples(tokenizer, examples, encoding or EncodingOptions())
-        return train_sparse_client(base_model, features, examples, task.sparse, shapes, train_cfg,  # type: ignore[return-value]
-                                   seed=task.seed, client_id=task.spec.client_id)
-    with merged_into_base(base_model, task.base_delta, task.spec.alpha, rslora=task.spec.rslora):
-        return train_client(
-            base_model, tokenizer, task.spec, examples, task.init, train_cfg, seed=task.seed,
-            encoding=encoding, hetlora=task.hetlora, dropout=dropout, on_step=on_step, init_seed=task.init_seed,
-        )
-
-
 def factor_bytes(factors: Mapping[str, Factors]) -> int:
     """Bytes of a set of factors as sent over the wire (their element sizes)."""
     return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values())
-
-
-def task_bytes(task: ClientTask) -> int:
-    """Bytes the server sends a client for ``task``: its factors, FLoRA's base, SLoRA's global change."""
-    sparse = task.sparse.global_change if task.sparse is not None and task.sparse.global_change else {}
-    return (factor_bytes(task.init or {}) + factor_bytes(task.base_delta or {})
-            + sum(v.numel() * v.element_size() for v in sparse.values()))
-
-
-def update_bytes(update: ClientUpdate | SparseUpdate) -> int:
-    """Bytes a client sends back: its factors, or SLoRA's stage-1 values (the mask is not sent)."""
-    if isinstance(update, SparseUpdate):
-        return sum(v.numel() * v.element_size() for v in update.values.values())
-    return factor_bytes(update.factors)

@@ -2,10 +2,10 @@
 
 - :mod:`~flexlora.engines.flower.server_app`: the ``ServerApp`` (``flwr run .`` starts it);
 - :mod:`~flexlora.engines.flower.strategy`: :class:`FlexLoRAStrategy`, which learns each node's
-  capability, sends each sampled client its own factors, and hands the replies to the shared
+  capability, sends each sampled client its own task, and hands the replies to the shared
   :class:`~flexlora.engines.federation.Federation`;
 - :mod:`~flexlora.engines.flower.client_app`: the ``ClientApp`` (one per SuperNode), which calls
-  the same :func:`~flexlora.training.client.run_client_task` as the in-process engine;
+  the run method's ``client_train``, as the in-process engine does;
 - :mod:`~flexlora.engines.flower.wire`: the message format;
 - :mod:`~flexlora.engines.flower.inprocess`: a Grid that delivers messages to ClientApps in this
   process (fast parity and failure tests, no daemons);

@@ -2,8 +2,8 @@
 
 ``flwr run .`` finds it through ``[tool.flwr.app.components]`` in the project's pyproject.
 It answers two messages: ``query.capabilities`` (which partition this node is, and what it can
-afford) and ``train`` (train the server's task with :func:`flexlora.training.client.run_client_task`
-and send the factors back). A task that fails raises, and Flower returns an error reply that the
+afford) and ``train`` (train the server's task with the run's method, :func:`flexlora.engines.flower.node.train_task`,
+and send its reply back). A task that fails raises, and Flower returns an error reply that the
 server logs and drops from the round.
 """
 
@@ -25,6 +25,6 @@ def query_capabilities(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    task, run_config_toml, wire_dtype = content_task(msg.content)
-    update, result = train_task(task, run_config_toml, context.node_config)
-    return Message(reply_content(update, result.mean_loss, result.steps, wire_dtype), reply_to=msg)
+    task, method, run_config_toml, wire_dtype = content_task(msg.content)
+    reply = train_task(task, method, run_config_toml, context.node_config)
+    return Message(reply_content(reply, wire_dtype), reply_to=msg)

@@ -30,21 +30,27 @@ from flexlora's safetensors cache, and the cost left is importing torch and tran
 from __future__ import annotations
 
 import math
-import os
-import signal
-import time
 import tomllib
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from flexlora.data import Example, load_task_data, partition_examples
+from flexlora.data import Example, load_task_data
+from flexlora.engines import faults
 from flexlora.engines.config import RunConfig, from_dict
-from flexlora.engines.federation import base_dtype, encoding_options, load_run_data, local_train_config, resolve_device
 from flexlora.engines.flower.wire import whole_number
-from flexlora.training.client import ClientTask, run_client_task
-from flexlora.training.models import load_base_model
+from flexlora.engines.run_setup import (
+    encoding_options,
+    examples_by_id,
+    load_run_data,
+    load_run_model,
+    local_train_config,
+    partition_of,
+    resolve_device,
+)
+from flexlora.methods import ClientContext, ClientReply, method_class
+from flexlora.training.client import ClientTask
 
 _MODELS: dict[tuple[str, str, str], tuple[torch.nn.Module, Any]] = {}
 _DATA: dict[tuple[str, str, int, str], list[Example]] = {}
@@ -107,10 +113,7 @@ def node_model(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
     device = resolve_device(cfg.device)
     key = (cfg.model, cfg.dtype, str(device))
     if key not in _MODELS:
-        model, tok = load_base_model(cfg.model, dtype=base_dtype(cfg.dtype))
-        model.to(device)
-        model.requires_grad_(False)
-        model.eval()
+        model, tok, _ = load_run_model(cfg)
         _MODELS[key] = (model, tok)
     return _MODELS[key]
 
@@ -129,9 +132,8 @@ def node_examples(cfg: RunConfig, node_config: Mapping[str, Any], client: int) -
             n = cfg.num_clients or len(data.train)
             if not 0 <= client < n:
                 raise NodeError(f"partition-id {client} is outside the run's {n} clients")
-            part = partition_examples(data, n, cfg.data_options.partition, alpha=cfg.data_options.dirichlet_alpha,
-                                      seed=cfg.seed)
-            by_id = {ex.id: ex for exs in data.train.values() for ex in exs}
+            part = partition_of(cfg, data)
+            by_id = examples_by_id(data)
             examples = [by_id[i] for i in part.clients[client]]
         # Not cached when empty: every later message must get this error, not a generic one.
         if not examples:
@@ -140,41 +142,23 @@ def node_examples(cfg: RunConfig, node_config: Mapping[str, Any], client: int) -
     return _DATA[key]
 
 
-def _fault(node_config: Mapping[str, Any], rnd: int) -> str:
-    """Test-only fault injection (``fault="kill@2"`` etc. in the node config), honoured only when
-    ``FLEXLORA_TEST_FAULTS=1`` is set in the node's environment."""
-    spec = str(node_config.get("fault", ""))
-    if not spec or os.environ.get("FLEXLORA_TEST_FAULTS") != "1":
-        return ""
-    kind, _, at = spec.partition("@")
-    return kind if at and int(at.split(":")[0]) == rnd else ""
+def train_task(task: ClientTask, method: str, run_config_toml: str, node_config: Mapping[str, Any]) -> ClientReply:
+    """Run one ``train`` task of the run's ``method`` on this node and return the reply.
 
-
-def train_task(task: ClientTask, run_config_toml: str, node_config: Mapping[str, Any]):
-    """Run one ``train`` task on this node; returns ``(update, LocalTrainResult)``."""
+    Raises
+    ------
+    NodeError
+        For a task meant for another partition, or a method other than the run config's.
+    """
     me = partition_id(node_config)
     if task.client != me:
         raise NodeError(f"the server sent client {task.client}'s task to the node of partition {me}")
     cfg = parse_run_config(run_config_toml)
-    fault = _fault(node_config, task.round)
-    if fault == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == "sleep":
-        time.sleep(float(str(node_config["fault"]).split(":")[1]))
+    if method_class(method) is not method_class(cfg.aggregator):
+        raise NodeError(f"the task is of method {method!r}, but the run config's aggregator is {cfg.aggregator!r}")
+    faults.fire("node.before_train", node_config=node_config, task=task)
     model, tok = node_model(cfg)
-    update, result = run_client_task(model, tok, task, node_examples(cfg, node_config, me), local_train_config(cfg),
-                                     encoding=encoding_options(cfg), dropout=cfg.lora.dropout)
-    if fault in ("nan", "shape", "rank"):
-        m = sorted(update.factors)[0]
-        a, b = update.factors[m]
-        if fault == "nan":
-            a = a.clone()
-            a[0, 0] = float("nan")
-        elif fault == "shape":
-            a = torch.zeros(a.shape[0], a.shape[1] + 1)
-        else:
-            a, b = a[:-1].clone(), b[:, :-1].clone()
-        update.factors = {**update.factors, m: (a, b)}
-    if fault == "count":  # claims ten times the examples it holds: ten times its weight
-        update.num_examples *= 10
-    return update, result
+    ctx = ClientContext(model, tok, node_examples(cfg, node_config, me), local_train_config(cfg),
+                        encoding_options(cfg), dropout=cfg.lora.dropout)
+    reply = method_class(method).client_train(ctx, task)
+    return faults.fire("node.after_train", node_config=node_config, task=task, reply=reply) or reply

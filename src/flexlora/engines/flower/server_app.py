@@ -20,8 +20,9 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from flexlora.engines.config import ConfigError, RunConfig, load_config
-from flexlora.engines.federation import Federation, RunResult, default_run_dir
+from flexlora.engines.federation import Federation, default_run_dir
 from flexlora.engines.flower.strategy import FlexLoRAStrategy
+from flexlora.engines.rounds import RunResult
 
 app = ServerApp()
 

@@ -16,9 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from flexlora.engines.config import RunConfig
-from flexlora.engines.federation import Federation, FederationError, RunResult
+from flexlora.engines.federation import Federation
 from flexlora.engines.flower.client_app import app as client_app
 from flexlora.engines.flower.strategy import FlexLoRAStrategy
+from flexlora.engines.rounds import FederationError, RunResult
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",

@@ -1,10 +1,11 @@
 """FlexLoRAStrategy: the server side of the Flower engine.
 
-The strategy owns what Flower's own strategies own (configure a round's messages, aggregate the
-replies) and nothing more: the round's plan, the validation of replies, the aggregation through
-the core (any flexlora aggregator: flexlora, fedavg, hetlora, flora), the evaluation, the
-checkpoints and the run directory all belong to the shared
-:class:`~flexlora.engines.federation.Federation`, exactly as in the in-process engine.
+The strategy owns what Flower's own strategies own (a round's messages, the replies) and nothing
+more: the round's plan, the validation of replies, the aggregation by the run's method (any of
+:mod:`flexlora.methods`), the evaluation, the checkpoints and the run directory all belong to the
+shared :class:`~flexlora.engines.federation.Federation`, exactly as in the in-process engine. The
+federation's round loop drives the rounds (:class:`FlowerEngine`); Flower's batch entry points
+``configure_train``/``aggregate_train`` are not used.
 
 What only a network federation needs is here:
 
@@ -20,8 +21,6 @@ What only a network federation needs is here:
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -32,8 +31,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flexlora.core.distributions import ClientType, types_from_budget
+from flexlora.engines import faults
 from flexlora.engines.config import ConfigError, to_toml
-from flexlora.engines.federation import ClientOutcome, Federation, FederationError, RunResult, client_types_for
+from flexlora.engines.federation import Federation
 from flexlora.engines.flower.wire import (
     MSG_CAPABILITIES,
     MSG_TRAIN,
@@ -43,6 +43,8 @@ from flexlora.engines.flower.wire import (
     task_content,
     whole_number,
 )
+from flexlora.engines.rounds import ClientOutcome, FederationError, RunResult
+from flexlora.engines.run_setup import client_types_for
 from flexlora.training.client import ClientTask
 
 POLL_SECONDS = 0.5
@@ -94,10 +96,7 @@ class FlexLoRAStrategy(Strategy):
         self._down: dict[int, int] = {}
         self._msgs: dict[int, Message] = {}  # node id -> the train message sent to it this round
         self._node_of_msg: dict[str, int] | None = None  # message id -> node id, this round
-        self._unplaced: list[ClientTask] = []  # tasks of this round whose client has no node
-        self.last_record: dict[str, Any] | None = None
-        kill = os.environ.get("FLEXLORA_SERVER_KILL_AT")  # test hook: SIGKILL after round R's replies
-        self._kill_at = int(kill) if kill else None
+        self._method = federation.method.name
 
     # ------------------------------------------------------------ capabilities
     def _resolve(self, node: int, caps: ConfigRecord) -> tuple[int, ClientType | None]:
@@ -201,14 +200,12 @@ class FlexLoRAStrategy(Strategy):
         self._node_of_msg = None  # built at the first reply, once the push has given the messages ids
         self._tasks = list(tasks)
         self._node_of_task: dict[int, int] = {}
-        self._unplaced = [t for t in tasks if t.client not in self.node_of]
         for t in tasks:
             node = self.node_of.get(t.client)
             if node is None:
                 continue
-            content = task_content(t, self._run_config, self.wire_dtype)
-            self._down[node] = record_nbytes(content.array_records.get("init")) + record_nbytes(
-                content.array_records.get("base"))
+            content = task_content(t, self._method, self._run_config, self.wire_dtype)
+            self._down[node] = record_nbytes(content.array_records.get("tensors"))
             self._sent[node] = t
             self._node_of_task[id(t)] = node
             msg = Message(content, dst_node_id=node, message_type=MSG_TRAIN, ttl=self.round_timeout,
@@ -216,22 +213,6 @@ class FlexLoRAStrategy(Strategy):
             self._msgs[node] = msg
             msgs.append(msg)
         return msgs
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                        ) -> Iterable[Message]:
-        """The round's messages: the federation's plan, one message per sampled client's node."""
-        self.discover(grid)
-        return self.messages_for(server_round, self.fed.plan_round(server_round), grid)
-
-    def collect(self, server_round: int, replies: Iterable[Message]) -> list[ClientOutcome]:
-        """Turn the replies into one outcome per task (an update, or why there is none), in the
-        order of the round's tasks."""
-        got: dict[int, ClientOutcome] = {}
-        for rep in replies:
-            o = self.outcome_of(server_round, rep, got)
-            if o is not None:
-                got[self._node_of_task[id(o.task)]] = o
-        return [got.get(self._node_of_task.get(id(t), -1)) or self.missing_outcome(t) for t in self._tasks]
 
     def outcome_of(self, server_round: int, rep: Message, got: Mapping[int, Any] = {}) -> ClientOutcome | None:
         """The outcome a reply carries, or None (with a warning) for a reply to no message of this
@@ -246,15 +227,14 @@ class FlexLoRAStrategy(Strategy):
             self.log(f"warning: round {server_round}: reply from node {rep.metadata.src_node_id} to no message "
                      "of this round's; ignored")
             return None
-        o = ClientOutcome(task, where=f"node {node}", bytes_down=self._down.get(node, 0),
-                          own_data=task.client in self._own_data)
+        where, down, own = f"node {node}", self._down.get(node, 0), task.client in self._own_data
         try:
             if rep.has_error():
                 raise WireError(self._error_reason(rep))
-            o.update, o.train_loss, o.steps, o.bytes_up = decode_reply(rep.content)
+            reply, up = decode_reply(rep.content)
         except WireError as exc:
-            o.update, o.failure = None, str(exc)
-        return o
+            return ClientOutcome(task, failure=str(exc), where=where, bytes_down=down, own_data=own)
+        return ClientOutcome(task, reply, bytes_up=up, bytes_down=down, where=where, own_data=own)
 
     def missing_outcome(self, task: ClientTask) -> ClientOutcome:
         """The outcome of a task whose reply never came (or whose client has no node)."""
@@ -275,16 +255,15 @@ class FlexLoRAStrategy(Strategy):
             return f"the node is unavailable (crashed or disconnected); the SuperLink says: {reason}"
         return f"the node failed: {reason}"
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        """Not used: the federation's round loop sends the rounds' messages (:class:`FlowerEngine`)."""
+        raise NotImplementedError("FlexLoRAStrategy runs its rounds through start(); configure_train is not used")
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and aggregate the replies through the federation. The global state stays on
-        the server (it is sent per client, at each client's ranks), so no ArrayRecord is returned."""
-        outcomes = self.collect(server_round, replies)
-        if self._kill_at == server_round:
-            os.kill(os.getpid(), signal.SIGKILL)
-        rec = self.fed.aggregate_round(server_round, outcomes)
-        self.last_record = rec
-        return None, MetricRecord({"train-loss": rec["train_loss"], "clients": len(outcomes) - len(rec.get("dropped", []))})
+        """Not used: replies are folded as they arrive (:class:`FlowerEngine`)."""
+        raise NotImplementedError("FlexLoRAStrategy runs its rounds through start(); aggregate_train is not used")
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
@@ -296,17 +275,13 @@ class FlexLoRAStrategy(Strategy):
 
     def summary(self) -> None:
         fed = self.fed
-        self.log(f"FlexLoRAStrategy: {fed.aggregator.summary()}, {fed.num_clients} clients, "
+        self.log(f"FlexLoRAStrategy: {fed.method.summary()}, {fed.num_clients} clients, "
                  f"{fed.cfg.clients_per_round:g} per round, {fed.cfg.rounds} rounds, min_clients {fed.cfg.min_clients}, "
                  f"round_timeout {self.round_timeout:g}s, wire {self.wire_dtype}, run dir {fed.run_dir}")
 
     def start(self, grid: Grid, *args: Any, **kwargs: Any) -> RunResult:  # type: ignore[override]
         """Run the federation over ``grid`` (the arguments of ``Strategy.start`` are taken from the
         run config instead: rounds, timeouts and evaluation are the federation's)."""
-        if self.fed.is_slora:
-            # Its stage-1 sparse changes have no wire format yet; say so before any node is asked.
-            raise FederationError("aggregator 'slora' runs on the in-process engine only for now "
-                                  "(flexlora run --engine local); on Flower use fedit, flexlora, hetlora or flora")
         self.summary()
         self.discover(grid, self.wait_for_nodes)
         if len(self.node_of) < self.fed.cfg.min_clients:
@@ -380,8 +355,7 @@ class FlowerEngine:
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(POLL_SECONDS)
-        if s._kill_at == rnd:
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.fire("server.replies_in", rnd=rnd)
         if arrival:
             for t in order:
                 node = s._node_of_task.get(id(t))

@@ -1,18 +1,21 @@
-"""The messages between the FlexLoRA ServerApp and its ClientApps.
+"""The messages between the flexlora ServerApp and its ClientApps.
+
+The wire knows no method: a task and a reply are named tensors plus plain JSON metadata, whose
+meaning belongs to the run's method (:mod:`flexlora.methods`), so every method runs on Flower.
 
 Server to node:
 
 - ``query.capabilities``: empty; the node answers with a ConfigRecord ``capabilities``
   (``partition-id`` and, when its node config declares one, ``client-type``, ``ranks`` or ``budget``).
-- ``train``: ConfigRecord ``task`` (round, client index and id, per-module ranks as JSON, alpha,
-  rsLoRA flag, type, seed, HetLoRA settings, ``init-seed``, the run's resolved config as TOML), ArrayRecord
-  ``init`` (the global adapter at the client's ranks; absent in round 1 and in FLoRA's rounds, where the node
-  draws the round's shared fresh adapter from ``init-seed`` instead) and, for FLoRA, ArrayRecord ``base``.
+- ``train``: ConfigRecord ``task`` (wire version, round, client index and id, per-module ranks as
+  JSON, alpha, rsLoRA flag, type, seed, the method's ``meta`` as JSON, the run's resolved config as
+  TOML, the wire dtype) and ArrayRecord ``tensors`` (the method's tensors for this client, e.g. the
+  global adapter at its ranks).
 
-Node to server: ArrayRecord ``update`` (the trained factors) and MetricRecord ``metrics``
-(``num-examples``, ``train-loss``, ``steps``). Arrays travel as float32 (exact) or float16; bf16 is
-cast. Array keys are ``"<module>::A"`` and ``"<module>::B"``. Everything a peer sends is decoded
-defensively: a malformed message raises :class:`WireError` naming the problem.
+Node to server: ArrayRecord ``tensors`` (the method's reply, e.g. the trained factors), MetricRecord
+``metrics`` (``num-examples``, ``train-loss``, ``steps``) and ConfigRecord ``meta`` (the method's
+reply metadata as JSON). Arrays travel as float32 (exact) or float16; bf16 is cast. Everything a
+peer sends is decoded defensively: a malformed message raises :class:`WireError` naming the problem.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flexlora.core.types import ClientUpdate, Factors
+from flexlora.methods import ClientReply
 from flexlora.training.client import ClientSpec, ClientTask
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -38,52 +41,35 @@ class WireError(ValueError):
     """A message that does not follow the FlexLoRA wire format."""
 
 
-def factors_to_record(factors: Mapping[str, Factors], wire_dtype: str = "float32") -> ArrayRecord:
-    """``{module: (A, B)}`` as an ArrayRecord, cast to ``wire_dtype``."""
+def tensors_to_record(tensors: Mapping[str, torch.Tensor], wire_dtype: str = "float32") -> ArrayRecord:
+    """Named tensors as an ArrayRecord, cast to ``wire_dtype``."""
     dtype = WIRE_DTYPES[wire_dtype]
     rec = ArrayRecord()
-    for m, (a, b) in factors.items():
-        rec[f"{m}::A"] = Array(a.detach().to("cpu", dtype).contiguous().numpy())
-        rec[f"{m}::B"] = Array(b.detach().to("cpu", dtype).contiguous().numpy())
+    for name, t in tensors.items():
+        rec[name] = Array(t.detach().to("cpu", dtype).contiguous().numpy())
     return rec
 
 
-def record_to_factors(rec: ArrayRecord) -> dict[str, Factors]:
-    """Inverse of :func:`factors_to_record`; factors come back as float32 tensors.
+def record_to_tensors(rec: ArrayRecord) -> tuple[dict[str, torch.Tensor], int]:
+    """The named float32 tensors of ``rec`` and their payload bytes at the wire dtype, counted from
+    the decoded arrays (a peer's Array metadata, dtype and shape, is not trusted for the count).
 
     Raises
     ------
     WireError
-        For a key that is not ``<module>::A``/``::B``, a module with only one factor, an array
-        that cannot be read, a dtype that is not floating point, or factors that are not 2-D.
+        For an array that cannot be read or whose dtype is not floating point.
     """
-    return _decode_factors(rec)[0]
-
-
-def _decode_factors(rec: ArrayRecord) -> tuple[dict[str, Factors], int]:
-    """The factors of ``rec`` and their payload bytes at the wire dtype, counted from the decoded
-    arrays: a peer's Array metadata (dtype, shape) is not trusted for the count."""
     nbytes = 0
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
     for key in rec.keys():
-        module, sep, which = key.rpartition("::")
-        if not sep or which not in ("A", "B") or not module:
-            raise WireError(f"array key {key!r} is not '<module>::A' or '<module>::B'")
         try:
             arr = rec[key].numpy()
         except Exception as exc:  # np.load raises several types on garbage
             raise WireError(f"array {key!r} cannot be read ({type(exc).__name__}: {exc})") from exc
         if arr.dtype.kind != "f":
             raise WireError(f"array {key!r} has dtype {arr.dtype}, expected a floating-point dtype")
-        if arr.ndim != 2:
-            raise WireError(f"array {key!r} has shape {arr.shape}, expected a 2-D factor")
         nbytes += int(arr.nbytes)
-        parts.setdefault(module, {})[which] = torch.from_numpy(np.array(arr, dtype=np.float32))
-    out = {}
-    for m, p in parts.items():
-        if set(p) != {"A", "B"}:
-            raise WireError(f"module {m!r} has only factor {''.join(p)}; both A and B are needed")
-        out[m] = (p["A"], p["B"])
+        out[key] = torch.from_numpy(np.array(arr, dtype=np.float32))
     return out, nbytes
 
 
@@ -109,9 +95,33 @@ def record_nbytes(rec: ArrayRecord | None) -> int:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in rec.values())
 
 
-def task_content(task: ClientTask, run_config_toml: str, wire_dtype: str = "float32") -> RecordDict:
-    """The ``train`` message content for one client."""
+WIRE_VERSION = 2
+"""Version of this message layout; a node refuses a task of another version by name."""
+
+
+def _json(value: Any, where: str) -> str:
+    try:
+        # Key order kept: a method may iterate its metadata in order (mask sizes per module).
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"{where}: the method's metadata is not plain JSON ({exc})") from exc
+
+
+def _unjson(rec: ConfigRecord, key: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_get(rec, key, str, where))
+    except json.JSONDecodeError as exc:
+        raise WireError(f"{where}: {key!r} is not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise WireError(f"{where}: {key!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def task_content(task: ClientTask, method: str, run_config_toml: str, wire_dtype: str = "float32") -> RecordDict:
+    """The ``train`` message content for one client of the run's ``method``."""
     cfg = ConfigRecord({
+        "wire-version": WIRE_VERSION,
+        "method": method,
         "round": task.round,
         "client": task.client,
         "client-id": task.spec.client_id,
@@ -120,18 +130,11 @@ def task_content(task: ClientTask, run_config_toml: str, wire_dtype: str = "floa
         "alpha": float(task.spec.alpha),
         "rslora": bool(task.spec.rslora),
         "seed": int(task.seed),
-        # -1: no shared fresh adapter (ConfigRecord has no null).
-        "init-seed": int(task.init_seed) if task.init_seed is not None else -1,
-        "hetlora": json.dumps(list(task.hetlora) if task.hetlora else None),
+        "meta": _json(task.meta, "task"),
         "run-config": run_config_toml,
         "wire-dtype": wire_dtype,
     })
-    content = RecordDict({"task": cfg})
-    if task.init is not None:
-        content["init"] = factors_to_record(task.init, wire_dtype)
-    if task.base_delta is not None:
-        content["base"] = factors_to_record(task.base_delta, wire_dtype)
-    return content
+    return RecordDict({"task": cfg, "tensors": tensors_to_record(task.tensors, wire_dtype)})
 
 
 def _get(rec: ConfigRecord | MetricRecord, key: str, kind: type | tuple[type, ...], where: str):
@@ -143,68 +146,55 @@ def _get(rec: ConfigRecord | MetricRecord, key: str, kind: type | tuple[type, ..
     return v
 
 
-def _flag(rec: ConfigRecord, key: str, where: str) -> bool:
-    # Absent means False: a peer from before the option speaks plain LoRA.
-    return bool(_get(rec, key, bool, where)) if key in rec else False
-
-
-def _init_seed(c: ConfigRecord) -> int | None:
-    # Absent (a peer from before the option) or -1: no shared fresh adapter.
-    if "init-seed" not in c:
-        return None
-    v = int(_get(c, "init-seed", int, "task"))
-    if v < -1:
-        raise WireError(f"task: 'init-seed' must be a seed >= 0 or -1 for none, got {v}")
-    return None if v == -1 else v
-
-
-def content_task(content: RecordDict) -> tuple[ClientTask, str, str]:
-    """Decode a ``train`` message: ``(task, run config TOML, wire dtype)``."""
+def content_task(content: RecordDict) -> tuple[ClientTask, str, str, str]:
+    """Decode a ``train`` message: ``(task, method name, run config TOML, wire dtype)``."""
     if "task" not in content.config_records:
         raise WireError("train message without its 'task' ConfigRecord")
     c = content.config_records["task"]
+    version = c.get("wire-version")
+    if version != WIRE_VERSION:
+        raise WireError(f"task: wire version {version!r}, but this node speaks version {WIRE_VERSION}; run the same "
+                        "flexlora version on the server and the nodes")
     try:
         ranks = json.loads(_get(c, "ranks", str, "task"))
-        het = json.loads(_get(c, "hetlora", str, "task"))
     except json.JSONDecodeError as exc:
-        raise WireError(f"task: ranks/hetlora are not JSON ({exc})") from exc
-    if not isinstance(ranks, dict) or not all(isinstance(r, int) and r >= 1 for r in ranks.values()):
+        raise WireError(f"task: ranks are not JSON ({exc})") from exc
+    if not isinstance(ranks, dict) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                                              for r in ranks.values()):
         raise WireError("task: 'ranks' must map module names to positive ints")
     spec = ClientSpec(client_id=_get(c, "client-id", str, "task"), ranks=ranks,
                       alpha=float(_get(c, "alpha", (int, float), "task")), type_name=_get(c, "type", str, "task"),
-                      rslora=_flag(c, "rslora", "task"))
-    init = record_to_factors(content.array_records["init"]) if "init" in content.array_records else None
-    base = record_to_factors(content.array_records["base"]) if "base" in content.array_records else None
+                      rslora=bool(_get(c, "rslora", bool, "task")))
+    tensors = record_to_tensors(content.array_records["tensors"])[0] if "tensors" in content.array_records else {}
     task = ClientTask(round=int(_get(c, "round", int, "task")), client=int(_get(c, "client", int, "task")),
-                      spec=spec, init=init, seed=int(_get(c, "seed", int, "task")), base_delta=base,
-                      hetlora=tuple(het) if het else None,  # type: ignore[arg-type]
-                      init_seed=_init_seed(c))
-    return task, _get(c, "run-config", str, "task"), _get(c, "wire-dtype", str, "task")
+                      spec=spec, seed=int(_get(c, "seed", int, "task")), tensors=tensors,
+                      meta=_unjson(c, "meta", "task"))
+    return task, _get(c, "method", str, "task"), _get(c, "run-config", str, "task"), _get(c, "wire-dtype", str, "task")
 
 
-def reply_content(update: ClientUpdate, train_loss: float, steps: int, wire_dtype: str = "float32") -> RecordDict:
+def reply_content(reply: ClientReply, wire_dtype: str = "float32") -> RecordDict:
     """The node's reply to a ``train`` message."""
-    metrics = MetricRecord({"num-examples": int(update.num_examples), "train-loss": float(train_loss),
-                            "steps": int(steps)})
-    meta = ConfigRecord({"client-id": update.client_id or "", "alpha": float(update.alpha),
-                         "rslora": bool(update.rslora)})
-    return RecordDict({"update": factors_to_record(update.factors, wire_dtype), "metrics": metrics, "meta": meta})
+    metrics = MetricRecord({"num-examples": int(reply.num_examples), "train-loss": float(reply.train_loss),
+                            "steps": int(reply.steps)})
+    meta = ConfigRecord({"meta": _json(reply.meta, "reply")})
+    return RecordDict({"tensors": tensors_to_record(reply.tensors, wire_dtype), "metrics": metrics, "meta": meta})
 
 
-def decode_reply(content: RecordDict) -> tuple[ClientUpdate, float, int, int]:
-    """``(update, train loss, steps, bytes up)`` of a node's ``train`` reply.
+def decode_reply(content: RecordDict) -> tuple[ClientReply, int]:
+    """``(reply, bytes up)`` of a node's ``train`` reply.
 
     Raises
     ------
     WireError
         When a record or field is missing or of the wrong type, or the arrays are malformed.
-        Shapes, ranks and finiteness are checked by the federation against the task.
+        What the tensors must be (modules, shapes, ranks, finiteness) is checked by the method
+        against the task.
     """
-    if "update" not in content.array_records:
-        raise WireError("reply without its 'update' ArrayRecord")
+    if "tensors" not in content.array_records:
+        raise WireError("reply without its 'tensors' ArrayRecord")
     if "metrics" not in content.metric_records or "meta" not in content.config_records:
         raise WireError("reply without its 'metrics'/'meta' records")
-    m, meta = content.metric_records["metrics"], content.config_records["meta"]
+    m = content.metric_records["metrics"]
     n = _get(m, "num-examples", int, "reply metrics")
     loss = float(_get(m, "train-loss", (int, float), "reply metrics"))
     steps = int(_get(m, "steps", int, "reply metrics"))
@@ -213,11 +203,6 @@ def decode_reply(content: RecordDict) -> tuple[ClientUpdate, float, int, int]:
         raise WireError(f"reply metrics: train-loss is {loss}, expected a finite loss >= 0")
     if steps < 0:
         raise WireError(f"reply metrics: steps is {steps}, expected >= 0")
-    alpha = float(_get(meta, "alpha", (int, float), "reply meta"))
-    if not math.isfinite(alpha):
-        raise WireError(f"reply meta: alpha is {alpha}")
-    factors, nbytes = _decode_factors(content.array_records["update"])
-    update = ClientUpdate(factors=factors, num_examples=n, alpha=alpha, rslora=_flag(meta, "rslora", "reply meta"),
-                          client_id=_get(meta, "client-id", str, "reply meta") or None,
-                          metadata={"train_loss": loss, "steps": steps})
-    return update, loss, steps, nbytes
+    meta = _unjson(content.config_records["meta"], "meta", "reply meta")
+    tensors, nbytes = record_to_tensors(content.array_records["tensors"])
+    return ClientReply(tensors=tensors, num_examples=n, meta=meta, train_loss=loss, steps=steps), nbytes
