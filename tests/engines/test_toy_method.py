@@ -226,3 +226,22 @@ def test_a_toy_reply_failing_its_own_check_is_dropped_by_name(tmp_path: Path) ->
     assert "toy: the reply answers round 99, not 1" in rec["dropped"][0]["reason"]
     assert rec["toy_folded"] == len(tasks) - 1 and first["done"] == 1
     shutil.rmtree(tmp_path / "r")
+
+
+def test_the_readme_walk_through_method_runs(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("### Adding a method", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the project's own README
+    try:
+        sim, res = _local(tmp_path, "mine", "aggregator=mymethod", "mymethod.boost=2.0", "rounds=2")
+        assert sim.method.options.boost == 2.0 and res.records[-1]["round"] == 2
+        # Round 2's clients start from twice the distributed global: boost reached the clients.
+        task = sim.plan_round(3)[0]
+        sent = unpack_factors(task.tensors, "init/")
+        plain = LoRAMethod.initial_factors(sim.method, sim.client_spec(task.client))
+        m = next(iter(sent))
+        torch.testing.assert_close(sent[m][1], 2.0 * plain[m][1])
+        torch.testing.assert_close(sent[m][0], plain[m][0])
+    finally:
+        unregister_method("mymethod")
