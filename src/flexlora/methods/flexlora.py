@@ -47,6 +47,8 @@ class FlexLoRAOptions(CheckedSection):
         if self.max_rank < 0 or isinstance(self.max_rank, bool):
             raise ConfigError(f"config key 'flexlora.max_rank': must be >= 0 (0 = the largest client rank), got "
                               f"{self.max_rank!r}")
+        if not 0.0 < self.dense_threshold <= 1.0:
+            raise ConfigError(f"config key 'flexlora.dense_threshold': must be in (0, 1], got {self.dense_threshold!r}")
         if self.stream_bound < 0:
             raise ConfigError(f"config key 'flexlora.stream_bound': must be >= 0 (0 = min(out, in)), got "
                               f"{self.stream_bound!r}")
