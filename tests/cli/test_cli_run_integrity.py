@@ -105,8 +105,6 @@ def _wrong_shape(c: dict) -> None:
     (lambda c: c.update(records="abc"), "records are not a list of rounds"),
     (lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "is malformed"),
     (_nan_state, "holds NaN or Inf"),
-    (lambda c: c.update(slora_change={"no.such.module": torch.zeros(3)}), "SLoRA stage-1 change is malformed"),
-    (lambda c: c.update(pruned_ranks={"0": {"no.such.module": 2}}), "pruned ranks of client 0 do not fit"),
     (_wrong_shape, "does not fit model"),
 ])
 @pytest.mark.parametrize("command", ["resume", "eval", "export"])
@@ -130,7 +128,7 @@ def test_a_slora_run_that_ends_inside_stage_1(tmp_path: Path, capsys) -> None:
             "eval.per_type=true"]
     assert main(["run", *as_sets(sets), "--output", str(out), "--no-progress"]) == 0
     assert main(["export", str(out), "--output", str(tmp_path / "a")]) == 2
-    assert "SLoRA stage 1" in capsys.readouterr().err
+    assert "has built none: SLoRA builds it at the end of its stage 1" in capsys.readouterr().err
     base = tmp_path / "base.json"
     assert main(["eval", str(out), "--base", "--json", str(base)]) == 0
     round0 = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -202,3 +200,24 @@ def test_a_run_stopped_in_round_1_resumes_with_fewer_min_clients(tmp_path: Path,
     for m, st in b["global_state"]["modules"].items():
         for k, t in st["tensors"].items():
             assert torch.equal(a["global_state"]["modules"][m]["tensors"][k], t), (m, k)
+
+
+@pytest.mark.parametrize("method,edit,needle", [
+    (["aggregator=slora", "slora.stage1_rounds=2"],
+     lambda c: c.update(slora_change={"no.such.module": torch.zeros(3)}), "SLoRA stage-1 change is malformed"),
+    (["aggregator=hetlora"], lambda c: c.update(pruned_ranks={"0": {"no.such.module": 2}}),
+     "pruned ranks of client 0 do not fit"),
+])
+def test_a_method_state_that_does_not_fit_the_run_is_refused_by_name(tmp_path: Path, capsys, method, edit,
+                                                                      needle: str) -> None:
+    # The method's own checkpoint state (flexlora.methods.Method.restore) is checked like the rest.
+    out = tmp_path / "r"
+    sets = [*TINY, "rounds=1", "rank_distribution=homo", *method]
+    assert main(["run", *as_sets(sets), "--output", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    _tamper(out, edit)
+    before = snapshot(out)
+    assert main(["run", "--resume", str(out), "--set", "rounds=2"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert snapshot(out) == before

@@ -1,4 +1,4 @@
-"""FlexLoRA's rank-collapse remedies in the engine: set through ``aggregator_options``, a run
+"""FlexLoRA's rank-collapse remedies in the engine: set through the ``[flexlora]`` section, a run
 resumes bit for bit (the server memory lives in the checkpointed global state), the remedies
 change the run's global update, and a remedy for an aggregator that has none is refused at set-up."""
 
@@ -12,7 +12,6 @@ import torch
 from engine_common import TINY, run_local, run_metrics
 from safetensors.torch import load_file
 
-from flexlora.core import AggregationError
 from flexlora.engines.config import ConfigError, load_config
 from flexlora.engines.federation import deterministic_view
 from flexlora.engines.simulation import Simulation
@@ -29,9 +28,9 @@ _metrics = run_metrics
 
 @pytest.mark.parametrize("remedy", ["server-memory", "rank-partitioned"])
 def test_remedy_runs_changes_the_global_update_and_resumes_exactly(tmp_path: Path, remedy: str) -> None:
-    opt = f"aggregator_options.remedy={json.dumps(remedy)}"
+    opt = f"flexlora.remedy={json.dumps(remedy)}"
     full = _run(tmp_path, "full", opt, "rounds=3")
-    assert full.aggregator.remedy == remedy
+    assert full.method.aggregator.remedy == remedy
     if remedy == "server-memory":  # the remedy whose state carries over rounds
         _check_resume(tmp_path, full, opt)
     # The same run without the remedy ends with another global update (mixed ranks every round).
@@ -56,11 +55,10 @@ def _check_resume(tmp_path: Path, full: Simulation, opt: str) -> None:
 def test_a_remedy_for_another_aggregator_is_refused_at_set_up(tmp_path: Path) -> None:
     sets = [*TINY, *QUIET, "aggregator=hetlora", 'aggregator_options.remedy="server-memory"']
     # From a config: refused while the config loads, before any model or run directory.
-    with pytest.raises(ConfigError, match="aggregator 'hetlora' has no setting 'remedy'"):
+    with pytest.raises(ConfigError, match="unknown config key 'hetlora.remedy'; its settings are weighting"):
         load_config(None, sets)
-    # A RunConfig built in code skips load_config; the engine's own set-up refuses it too.
-    cfg = load_config(None, sets[:-1])
-    cfg.aggregator_options = {"remedy": "server-memory"}
-    with pytest.raises(AggregationError, match="remedy"):
-        Simulation(cfg, tmp_path / "bad", progress=False, log=lambda m: None)
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+    # In code the settings are typed: HetLoRA's dataclass has no field for a remedy at all.
+    from flexlora.methods import HetLoRA
+
+    with pytest.raises(TypeError, match="remedy"):
+        HetLoRA.Options(remedy="server-memory")

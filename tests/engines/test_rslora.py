@@ -15,10 +15,10 @@ import torch
 from engine_common import TINY
 
 from flexlora.core.types import ClientUpdate
-from flexlora.engines.checkpoint import CheckpointError
+from flexlora.engines.checkpoint import CheckpointError, run_fingerprint
 from flexlora.engines.config import ConfigError, load_config, to_toml
-from flexlora.engines.federation import run_fingerprint
 from flexlora.engines.simulation import Simulation
+from flexlora.methods import ClientReply, ReplyError, pack_factors
 
 QUIET = ("eval.every=0", "eval.baseline=false", "eval.per_type=false")
 
@@ -101,6 +101,10 @@ def test_rslora_run_differs_exports_use_rslora_and_matches_the_global_update(tmp
         assert float(torch.linalg.norm(delta - best)) <= 1e-4 * float(torch.linalg.norm(best)), m
 
 
+def _reply(u: ClientUpdate) -> ClientReply:
+    return ClientReply(pack_factors(u.factors), u.num_examples, {"alpha": u.alpha, "rslora": u.rslora})
+
+
 def test_rslora_resume_and_mismatched_replies_are_refused(tmp_path: Path) -> None:
     plain = _run(tmp_path, "a", "rounds=1", *QUIET)
     # A plain-LoRA checkpoint cannot be continued as an rsLoRA run: its factors mean other updates.
@@ -114,10 +118,10 @@ def test_rslora_resume_and_mismatched_replies_are_refused(tmp_path: Path) -> Non
     # An engine that drops the flag (it then defaults to False) gets its replies rejected, by name.
     n = rs.partition.num_examples(task.client)
     lacking = ClientUpdate(factors, num_examples=n, alpha=task.spec.alpha)
-    reason = rs.check_update(task, lacking)
-    assert reason is not None and "rslora" in reason
+    with pytest.raises(ReplyError, match="rslora False differs"):
+        rs.method.read_reply(task, _reply(lacking))
     ok = ClientUpdate(factors, num_examples=n, alpha=task.spec.alpha, rslora=True)
-    assert rs.check_update(task, ok) is None
+    assert rs.method.read_reply(task, _reply(ok)).rslora is True and rs.check_count(task, n) is None
 
 
 def test_flora_with_rslora_runs_and_restores_the_base(tmp_path: Path) -> None:
@@ -126,7 +130,7 @@ def test_flora_with_rslora_runs_and_restores_the_base(tmp_path: Path) -> None:
     sim = _run(tmp_path, "f", "rounds=2", "aggregator=flora", *QUIET, "lora.rslora=true")
     assert math.isfinite(sim.records[-1]["train_loss"])
     # The stacked global update (rank R per module) reproduces the state exactly with alpha / sqrt(R).
-    stacked = sim.aggregator.stacked(sim.state, sim.cfg.lora.alpha, rslora=True)
+    stacked = sim.method.aggregator.stacked(sim.state, sim.cfg.lora.alpha, rslora=True)
     for m, (a, b) in stacked.items():
         R = a.shape[0]
         eff = (sim.cfg.lora.alpha / math.sqrt(R)) * (b.double() @ a.double())

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_common import TINY, run_cli
+from faults_plan import seam_env
 from safetensors.torch import load_file
 
 from flexlora.engines.checkpoint import CheckpointError, load_checkpoint
@@ -94,7 +95,7 @@ def test_other_aggregators_run(tmp_path: Path, extra: tuple[str, ...]) -> None:
 
 
 def test_batched_module_svds_give_the_unbatched_run_to_float32_rounding(tmp_path: Path, monkeypatch) -> None:
-    """``aggregator_options.batch_modules = true`` reaches the aggregator through the config and
+    """``flexlora.batch_modules = "always"`` reaches the aggregator through the config and
     changes the run only by float32 rounding (the same adapter, the same losses to 1e-5)."""
     from safetensors.torch import load_file
 
@@ -105,9 +106,9 @@ def test_batched_module_svds_give_the_unbatched_run_to_float32_rounding(tmp_path
     monkeypatch.setattr(lowrank, "_qr_triplets",
                         lambda B, A, k: (B.ndim == 3 and batched.append(B.shape[0])) or real(B, A, k))
     common = ("rounds=2", "eval.every=0", "eval.baseline=false")
-    on = _run(tmp_path, "on", *common, "aggregator_options.batch_modules=true")
+    on = _run(tmp_path, "on", *common, 'flexlora.batch_modules="always"')
     off = _run(tmp_path, "off", *common)
-    assert on.aggregator.batch_modules is True and off.aggregator.batch_modules is None
+    assert on.method.aggregator.batch_modules is True and off.method.aggregator.batch_modules is None
     assert batched and max(batched) > 1  # the "on" run did batch its modules
     a = load_file(str(on.run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(off.run_dir / "adapter" / "adapter_model.safetensors"))
@@ -158,7 +159,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     # SIGKILL in the middle of round 3, after its second client trained: round 3 is lost and
     # must be redone from the round-2 checkpoint.
-    res = run_cli(["run", *sets, "--output", str(killed), "--no-progress"], {"FLEXLORA_KILL_AT": "3:2"})
+    res = run_cli(["run", *sets, "--output", str(killed), "--no-progress"], seam_env("kill-after-client=3:2"))
     assert res.returncode == -9, (res.returncode, res.stderr)
     assert load_checkpoint(killed / "checkpoints")["round"] == 2
     res = run_cli(["run", "--resume", str(killed), "--no-progress"])
@@ -209,7 +210,7 @@ def test_distributed_factors_load_into_a_client_and_back(tmp_path: Path) -> None
     sim = _run(tmp_path, "d", "rounds=1", "eval.every=0", "eval.baseline=false", "eval.per_type=false")
     for k in range(sim.num_clients):
         spec = sim.client_spec(k)
-        sent = sim.aggregator.distribute(sim.state, spec.ranks, spec.alpha)
+        sent = sim.method.aggregator.distribute(sim.state, spec.ranks, spec.alpha)
         with client_adapter(sim.model, spec.ranks, spec.alpha, sent) as m:
             back = get_factors(m)
         assert back.keys() == sent.keys()
@@ -230,13 +231,13 @@ def test_merging_into_half_precision_weights_is_announced(tmp_path: Path, agg: s
 def test_a_max_rank_below_the_largest_client_rank_is_refused(tmp_path: Path) -> None:
     from flexlora.engines.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"aggregator_options.max_rank = 2 is below the largest client rank"):
-        Simulation(load_config(None, [*TINY, "rounds=1", "aggregator_options={max_rank = 2}"]), tmp_path / "r",
+    with pytest.raises(ConfigError, match=r"flexlora.max_rank = 2 is below the largest client rank"):
+        Simulation(load_config(None, [*TINY, "rounds=1", "flexlora.max_rank=2"]), tmp_path / "r",
                    progress=False, log=lambda m: None)
 
 
 def test_eval_stem_reaches_the_scorer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flexlora.engines.federation as federation
+    import flexlora.engines.evaluation as federation
 
     seen: list[bool] = []
     real = federation.evaluate_generation

@@ -25,7 +25,7 @@ class _Watching(LocalEngine):
 
     def train_round(self, fed, rnd, tasks):
         for o in super().train_round(fed, rnd, tasks):
-            assert all(prev.update is None for prev in self.seen), "an earlier update is still held"
+            assert all(prev.reply is None for prev in self.seen), "an earlier reply is still held"
             self.seen.append(o)
             yield o
 
@@ -34,15 +34,15 @@ def test_updates_are_folded_and_released_one_by_one(tmp_path: Path) -> None:
     sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
     engine = _Watching()
     sim.run(engine)
-    assert len(engine.seen) == 6 and all(o.update is None for o in engine.seen)
+    assert len(engine.seen) == 6 and all(o.reply is None for o in engine.seen)
 
 
 def test_a_round_folded_in_reverse_equals_the_batch_aggregation(tmp_path: Path) -> None:
     sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
     tasks = sim.plan_round(1)
     outcomes = list(LocalEngine(progress=False).train_round(sim, 1, tasks))
-    updates = [o.update for o in outcomes]
-    batch = sim.aggregator.aggregate(updates)
+    updates = [sim.method.read_reply(o.task, o.reply) for o in outcomes]
+    batch = sim.method.aggregator.aggregate(updates)
     fold = sim.begin_aggregation(1, tasks)
     for o in reversed(outcomes):
         fold.add(o)
