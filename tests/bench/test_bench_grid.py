@@ -57,7 +57,7 @@ def test_quick_rows_and_seeds():
         method = f"FlexLoRA+FedIT {remedy}"
         assert {d for (m, d) in seeds if m == method} == {"uniform", "heavy-tail-light"}
         row = next(r for r in rows if r.method == method)
-        assert f'aggregator_options.remedy="{remedy}"' in row.sets and "aggregator=flexlora" in row.sets
+        assert f'flexlora.remedy="{remedy}"' in row.sets and "aggregator=flexlora" in row.sets
 
 
 def test_dolly_partition_names_loader_categories():

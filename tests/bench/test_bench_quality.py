@@ -106,12 +106,12 @@ def test_killed_grid_resumes_the_interrupted_row(tmp_path):
     assert proc.returncode == 0, tail(proc)
     assert results_ids(out) == [first]
 
-    # The engine's test hook SIGKILLs the process in round 2 after its first client, in the first row
+    # The test seam's hook SIGKILLs the process in round 2 after its first client, in the first row
     # that trains: the grid's next unfinished row.
     rows = [r for r in grid_rows("smoke") if not r.is_base]
     victim = next(r for r in rows if r.id != first)
     assert victim.id == "demo/FedIT/homo/s0"
-    killed = run_bench(["--preset", "smoke", *two, "--output", str(out)], env_extra={"FLEXLORA_KILL_AT": "2:1"})
+    killed = run_bench(["--preset", "smoke", *two, "--output", str(out)], plan="kill-after-client=2:1")
     assert killed.returncode == -signal.SIGKILL, tail(killed)
     assert results_ids(out) == [first]
     victim_dir = out / "runs" / victim.dirname

@@ -10,10 +10,12 @@ import pytest
 import torch
 from engine_common import TINY
 
+from flexlora.core.types import ClientUpdate
 from flexlora.engines.checkpoint import load_checkpoint
 from flexlora.engines.config import load_config
 from flexlora.engines.federation import FederationError
-from flexlora.engines.simulation import LocalEngine, Simulation
+from flexlora.engines.simulation import ClientOutcome, LocalEngine, Simulation
+from flexlora.methods import ClientReply, pack_factors, unpack_factors
 
 QUIET = ["eval.every=0", "eval.baseline=false", "eval.per_type=false", "rounds=2"]
 
@@ -36,8 +38,8 @@ class _Tampering(LocalEngine):
 
 def _inflate(o) -> None:
     # Every factor times 1e25: finite float32 values whose products (1e50) overflow float32.
-    o.update.factors = {m: (a * 1e25, b * 1e25) for m, (a, b) in o.update.factors.items()}
-    assert all(bool(torch.isfinite(t).all()) for ab in o.update.factors.values() for t in ab)
+    o.reply.tensors = {k: t * 1e25 for k, t in o.reply.tensors.items()}
+    assert all(bool(torch.isfinite(t).all()) for t in o.reply.tensors.values())
 
 
 def _metrics(d: Path) -> list[dict]:
@@ -55,10 +57,13 @@ def test_an_update_too_large_for_float32_is_dropped_by_name(tmp_path: Path) -> N
 
 
 def test_a_non_finite_aggregate_is_not_installed_and_round_1_stays_checkpointed(tmp_path: Path) -> None:
-    # With the aggregator's own checks off (check_finite=false), the overflow reaches the aggregate;
+    # With the method's and the aggregator's own checks off, the overflow reaches the aggregate;
     # the federation's last guard must still refuse to install and checkpoint it.
-    cfg = load_config(None, [*TINY, *QUIET, "aggregator_options.check_finite=false"])
+    cfg = load_config(None, [*TINY, *QUIET])
     sim = Simulation(cfg, tmp_path / "r", progress=False, log=lambda m: None)
+    sim.method.aggregator.check_finite = False
+    sim.method.read_reply = lambda task, reply: ClientUpdate(unpack_factors(reply.tensors), reply.num_examples,
+                                                             alpha=reply.meta["alpha"])
     with pytest.raises(FederationError, match="round 2: the aggregated global update is not finite") as exc:
         sim.run(_Tampering(0, _inflate))
     assert f"--resume {sim.run_dir}" in str(exc.value)
@@ -72,7 +77,7 @@ def test_a_non_finite_aggregate_is_not_installed_and_round_1_stays_checkpointed(
 
 def test_a_reply_labelled_for_another_client_is_dropped(tmp_path: Path) -> None:
     sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
-    engine = _Tampering(1, lambda o: setattr(o.update, "client_id", "client09999"))
+    engine = _Tampering(1, lambda o: o.reply.meta.update(client_id="client09999"))
     sim.run(engine)
     dropped = _metrics(sim.run_dir)[-1]["dropped"]
     assert [d["client"] for d in dropped] == [engine.victim]
@@ -83,7 +88,7 @@ def test_a_reply_labelled_for_another_client_is_dropped(tmp_path: Path) -> None:
 def test_a_reply_claiming_another_example_count_is_dropped(tmp_path: Path, count) -> None:
     # The count is the client's weight: a reply whose count is not its partition's size is dropped.
     sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
-    engine = _Tampering(1, lambda o: setattr(o.update, "num_examples", count))
+    engine = _Tampering(1, lambda o: setattr(o.reply, "num_examples", count))
     sim.run(engine)
     dropped = _metrics(sim.run_dir)[-1]["dropped"]
     assert [d["client"] for d in dropped] == [engine.victim]
@@ -96,18 +101,20 @@ def test_a_reply_claiming_another_example_count_is_dropped(tmp_path: Path, count
 
 
 def test_the_count_check_agrees_with_the_partition_and_spares_own_data(tmp_path: Path) -> None:
-    from flexlora.core.types import ClientUpdate
-
     sim = Simulation(load_config(None, [*TINY, *QUIET]), tmp_path / "r", progress=False, log=lambda m: None)
     task = sim.plan_round(1)[0]
     factors = {m: (torch.zeros(r, sim.shapes[m][1]), torch.zeros(sim.shapes[m][0], r))
                for m, r in task.spec.ranks.items()}
     held = sim.partition.num_examples(task.client)
     assert held == len(sim.client_examples(task.client))
-    right = ClientUpdate(factors, num_examples=held, alpha=task.spec.alpha)
-    wrong = ClientUpdate(factors, num_examples=held + 1, alpha=task.spec.alpha)
-    assert sim.check_update(task, right) is None
-    assert f"claims {held + 1} training examples" in sim.check_update(task, wrong)
+    assert sim.check_count(task, held) is None
+    assert f"claims {held + 1} training examples" in sim.check_count(task, held + 1)
+    wrong = ClientReply(pack_factors(factors), held + 1, {"alpha": task.spec.alpha, "rslora": False})
+    fold = sim.begin_aggregation(1, [task])
+    fold.add(ClientOutcome(task, wrong))
+    assert [d["client"] for d in fold.dropped] == [task.spec.client_id]
     # A node on a data set of its own: the server cannot know its size, so the count is trusted.
-    assert sim.check_update(task, wrong, own_data=True) is None
+    fold = sim.begin_aggregation(1, [task])
+    fold.add(ClientOutcome(task, wrong, own_data=True))
+    assert fold.dropped == [] and len(fold.valid) == 1
 

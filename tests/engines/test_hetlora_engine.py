@@ -16,7 +16,7 @@ from flexlora.engines.simulation import Simulation
 QUIET = ["eval.every=0", "eval.baseline=false", "eval.per_type=false"]
 # threshold 1: the tail's share is always below 1, so every module of every participating
 # client prunes each round, which makes the expected ranks a pure function of participation.
-PRUNE = ["aggregator=hetlora", "train.hetlora_prune_threshold=1.0", "clients_per_round=2", *QUIET]
+PRUNE = ["aggregator=hetlora", "hetlora.prune_threshold=1.0", "clients_per_round=2", *QUIET]
 
 
 def _run(tmp_path: Path, name: str, *extra: str, resume: bool = False) -> Simulation:
@@ -72,7 +72,7 @@ def test_clients_prune_by_the_rule_train_at_the_pruned_ranks_and_resume_exactly(
 
 
 def test_without_pruning_every_client_keeps_its_type_ranks(tmp_path: Path) -> None:
-    sim = _run(tmp_path, "keep", "rounds=3", "train.hetlora_prune=false")
+    sim = _run(tmp_path, "keep", "rounds=3", "hetlora.prune=false")
     for rec in _metrics(sim):
         assert "pruned" not in rec
         for cid, got in rec["ranks"].items():
@@ -81,7 +81,7 @@ def test_without_pruning_every_client_keeps_its_type_ranks(tmp_path: Path) -> No
 
 
 def test_the_floor_is_never_crossed(tmp_path: Path) -> None:
-    sim = _run(tmp_path, "floor", "rounds=4", "clients_per_round=4", "train.hetlora_min_rank=3")
+    sim = _run(tmp_path, "floor", "rounds=4", "clients_per_round=4", "hetlora.min_rank=3")
     recs = _metrics(sim)
     assert any(rec.get("pruned") for rec in recs)
     for rec in recs:

@@ -32,7 +32,8 @@ def test_cholesky_and_qr_paths_hold_1e5_on_a_real_smollm2_round(tmp_path: Path) 
     ])
     sim = Simulation(cfg, tmp_path / "run", progress=False, log=lambda m: None)
     rounds: list[list] = []
-    begin = sim.aggregator.begin_round
+    aggregator = sim.method.aggregator
+    begin = aggregator.begin_round
 
     def capturing_begin(previous, **kw):
         acc = begin(previous, **kw)
@@ -40,14 +41,14 @@ def test_cholesky_and_qr_paths_hold_1e5_on_a_real_smollm2_round(tmp_path: Path) 
         rounds.append(got)
         add = acc.add
 
-        def capture(update):
+        def capture(update, **kw):
             got.append(update)
-            return add(update)
+            return add(update, **kw)
 
         acc.add = capture
         return acc
 
-    sim.aggregator.begin_round = capturing_begin
+    aggregator.begin_round = capturing_begin
     sim.run()
     assert len(rounds) == 2 and len(rounds[1]) == 4
     updates = rounds[1]  # clients that started from the round-1 global update

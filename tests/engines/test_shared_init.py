@@ -16,11 +16,21 @@ from engine_common import TINY
 from flexlora.core.initial import initial_A
 from flexlora.engines.config import load_config
 from flexlora.engines.simulation import Simulation
-from flexlora.training.client import run_client_task
+from flexlora.methods import unpack_factors
 
 # lr 1e-30 moves no float32 entry of A (its steps are far below A's rounding unit), so what the
 # clients return is where they started.
 FROZEN = ["train.lr=1e-30", "eval.every=0", "eval.baseline=false", "eval.per_type=false"]
+
+
+def _init(task) -> dict:
+    """The global factors a task sends its client ({} when it starts from a fresh adapter)."""
+    return unpack_factors(task.tensors, "init/")
+
+
+def _seed(task) -> int | None:
+    """The seed of the round's shared fresh adapter (None: none shared)."""
+    return task.meta.get("init_seed")
 
 
 def _sim(tmp_path: Path, name: str, *extra: str) -> Simulation:
@@ -39,10 +49,10 @@ def fedit(tmp_path_factory) -> tuple[Simulation, list]:
 
 def test_fedit_round_one_aggregate_is_the_shared_initial_adapter(fedit) -> None:
     sim, tasks = fedit
-    assert len(tasks) == 3 and all(t.init is None for t in tasks)
-    assert len({t.init_seed for t in tasks}) == 1 and tasks[0].init_seed is not None
+    assert len(tasks) == 3 and all(not _init(t) for t in tasks)
+    assert len({_seed(t) for t in tasks}) == 1 and _seed(tasks[0]) is not None
     for m, st in sim.state.modules.items():
-        expected = initial_A(st.shape, st.A.shape[0], tasks[0].init_seed, m)
+        expected = initial_A(st.shape, st.A.shape[0], _seed(tasks[0]), m)
         # The size-weighted average of identical A is that A (to the rounding of the weights);
         # with independent draws its norm would be about 1/sqrt(3) of one draw's.
         torch.testing.assert_close(st.A, expected, rtol=1e-6, atol=0)
@@ -52,16 +62,14 @@ def test_fedit_round_one_aggregate_is_the_shared_initial_adapter(fedit) -> None:
 def test_round_one_clients_of_different_ranks_start_from_nested_adapters(tmp_path: Path) -> None:
     sim = _sim(tmp_path, "flex", "rounds=1")
     tasks = sim.plan_round(1)
-    assert len({t.init_seed for t in tasks}) == 1
+    assert len({_seed(t) for t in tasks}) == 1
     by_rank = {}
     for t in tasks:
         by_rank.setdefault(tuple(sorted(t.spec.ranks.values())), t)
     assert len(by_rank) >= 2, "the test needs clients of two different ranks in round 1"
     got = []
     for t in by_rank.values():
-        update, _ = run_client_task(sim.model, sim.tokenizer, t, sim.client_examples(t.client), sim.train_cfg,
-                                    encoding=sim.encoding)
-        got.append(update.factors)
+        got.append(unpack_factors(sim.train_client(t).tensors))
     small, large = sorted(got, key=lambda f: sum(a.shape[0] for a, _ in f.values()))[:2]
     for m, (a, _) in small.items():
         a_large = large[m][0]
@@ -70,25 +78,21 @@ def test_round_one_clients_of_different_ranks_start_from_nested_adapters(tmp_pat
 
 
 def test_later_rounds_start_from_the_global_or_a_new_shared_fresh_adapter(fedit, tmp_path: Path) -> None:
-    assert all(t.init is not None and t.init_seed is None for t in fedit[0].plan_round(2))
+    assert all(_init(t) and "init_seed" not in t.meta for t in fedit[0].plan_round(2))
     flora = _sim(tmp_path, "flora", "rounds=1", "aggregator=flora")
-    first = flora.plan_round(1)[0].init_seed
+    first = _seed(flora.plan_round(1)[0])
     flora.run()
     second = flora.plan_round(2)
     # FLoRA merges the global into the base and trains a fresh adapter every round: one per round.
-    assert all(t.init is None and t.base_delta is not None for t in second)
-    assert len({t.init_seed for t in second}) == 1 and second[0].init_seed not in (None, first)
+    assert all(not _init(t) and unpack_factors(t.tensors, "base/") for t in second)
+    assert len({_seed(t) for t in second}) == 1 and _seed(second[0]) not in (None, first)
 
 
 def test_per_client_init_gives_each_client_of_a_round_its_own_start(tmp_path: Path) -> None:
     sim = _sim(tmp_path, "flex", "rounds=1", "lora.init=per-client")
     tasks = sim.plan_round(1)
-    assert all(t.init is None and t.init_seed is None for t in tasks)
-    got = []
-    for t in tasks[:2]:
-        update, _ = run_client_task(sim.model, sim.tokenizer, t, sim.client_examples(t.client), sim.train_cfg,
-                                    encoding=sim.encoding)
-        got.append(update.factors)
+    assert all(not _init(t) and _seed(t) is None for t in tasks)
+    got = [unpack_factors(sim.train_client(t).tensors) for t in tasks[:2]]
     for m in got[0]:
         a0, a1 = got[0][m][0], got[1][m][0]
         r = min(a0.shape[0], a1.shape[0])
@@ -97,7 +101,7 @@ def test_per_client_init_gives_each_client_of_a_round_its_own_start(tmp_path: Pa
         assert not torch.allclose(a0[:r], a1[:r], atol=1e-3), m
     # Later rounds still start from the distributed global.
     sim.run()
-    assert all(t.init is not None and t.init_seed is None for t in sim.plan_round(2))
+    assert all(_init(t) and "init_seed" not in t.meta for t in sim.plan_round(2))
 
 
 @pytest.mark.parametrize("aggregator", ["fedavg", "fedit", "hetlora"])

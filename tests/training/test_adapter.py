@@ -401,17 +401,19 @@ def test_linear_shapes_reads_out_and_in_and_names_bad_modules(tiny_model):
 
 def test_a_sparse_task_naming_a_missing_module_is_a_clear_error(tiny):
     from flexlora.data.examples import Example
-    from flexlora.training.client import ClientSpec, ClientTask, run_client_task
-    from flexlora.training.sparse import SparseTask
+    from flexlora.methods import ClientContext, SLoRA
+    from flexlora.training.client import ClientSpec, ClientTask, EncodingOptions
 
     model, tok = tiny
     before = _snapshot(model)
     spec = ClientSpec("c0", {"model.layers.0.self_attn.q_proj": 2}, 16.0, "t")
-    task = ClientTask(round=1, client=0, spec=spec, init=None, seed=0,
-                      sparse=SparseTask(counts={"model.layers.9.self_attn.q_proj": 4}, seed=0))
+    # SLoRA's stage-1 task: the mask size per module and the mask seed (no global change yet).
+    task = ClientTask(round=1, client=0, spec=spec, seed=0,
+                      meta={"stage": 1, "counts": {"model.layers.9.self_attn.q_proj": 4}, "mask_seed": 0})
     ex = [Example(id="e0", instruction="Say hi.", input="", output="hi", task="t")]
+    ctx = ClientContext(model, tok, ex, LocalTrainConfig(local_steps=1), EncodingOptions())
     with pytest.raises(ValueError, match="layers.9.*no module"):
-        run_client_task(model, tok, task, ex, LocalTrainConfig(local_steps=1))
+        SLoRA.client_train(ctx, task)
     _assert_same(before, _snapshot(model))
 
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import faults_plan
 import pytest
 import torch
 from engine_common import TINY
@@ -27,13 +28,17 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _deploy(out: Path, node_configs: list[str], sets: list[str], env_extra: dict[str, str], port: int,
+def _deploy(out: Path, node_configs: list[str], sets: list[str], plan: str | None, port: int,
             limit: float = 420) -> subprocess.CompletedProcess:
+    """Run the deployment; ``plan``: the test seam's fault plan every process of it installs
+    (tests/seam/faults_plan.py), or None."""
     set_value = ";".join(s.replace('"', '\\"') for s in sets)
     cmd = ["bash", str(ROOT / "scripts" / "flower-loopback.sh"), str(out), *node_configs, "--",
            f'set="{set_value}"']
     env = {**os.environ, "PY": str(Path(os.sys.executable)), "FLEXLORA_BASE_PORT": str(port),
-           "TIMEOUT": str(int(limit - 20)), **env_extra}
+           "TIMEOUT": str(int(limit - 20))}
+    if plan:
+        env = faults_plan.seam_env(plan, env)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         stdout, _ = proc.communicate(timeout=limit)
@@ -109,7 +114,7 @@ def test_loopback_deployment_matches_the_in_process_engine(tmp_path: Path) -> No
     local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
     local.run()
     out = tmp_path / "deployed"
-    res = _deploy(out, [f"partition-id={i}" for i in range(4)], _quoted(sets), {}, port=19290)
+    res = _deploy(out, [f"partition-id={i}" for i in range(4)], _quoted(sets), None, port=19290)
     assert res.returncode == 0, res.stdout[-4000:]
     a, b = _adapter(local.run_dir), _adapter(out)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
@@ -176,7 +181,7 @@ def test_killed_and_slow_nodes_are_dropped_and_the_run_continues(tmp_path: Path)
 
     t = threading.Thread(target=kill_a_supernode, daemon=True)
     t.start()
-    res = _deploy(out, nodes, _quoted(sets), {"FLEXLORA_TEST_FAULTS": "1"}, port=19390)
+    res = _deploy(out, nodes, _quoted(sets), "node-faults", port=19390)
     t.join(timeout=5)
     assert res.returncode == 0, res.stdout[-4000:]
     rec = _metrics(out)[-1]
@@ -196,7 +201,7 @@ def test_bad_reply_rejected_and_min_clients_enforced_on_loopback(tmp_path: Path)
     sets = [*TINY, "clients_per_round=4", "rounds=2", "min_clients=4", "eval.every=0", "eval.baseline=false",
             "eval.per_type=false"]
     out = tmp_path / "bad"
-    res = _deploy(out, nodes, _quoted(sets), {"FLEXLORA_TEST_FAULTS": "1"}, port=19690)
+    res = _deploy(out, nodes, _quoted(sets), "node-faults", port=19690)
     assert res.returncode != 0  # no adapter: the run stopped
     assert "client00000 on node" in res.stdout and "NaN or Inf" in res.stdout and "module '" in res.stdout
     assert "min_clients = 4" in res.stdout and "--resume" in res.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faults_plan
 import pytest
 import torch
 from engine_common import TINY, run_cli
@@ -49,7 +50,7 @@ def _metrics(d: Path) -> list[dict]:
 @pytest.mark.parametrize("extra", [
     [],
     ["aggregator=hetlora"],
-    ["aggregator=hetlora", "train.hetlora_prune_threshold=1.0"],  # every client self-prunes each round
+    ["aggregator=hetlora", "hetlora.prune_threshold=1.0"],  # every client self-prunes each round
     ["aggregator=flora"],
     ["aggregator=fedavg", "rank_distribution=homo"],
     ["lora.rslora=true"],
@@ -144,7 +145,9 @@ def test_nodes_declare_type_ranks_or_budget(tmp_path: Path) -> None:
     from flexlora.engines.federation import Federation
 
     fed = Federation(load_config(None, [*TINY, "rounds=1"]), tmp_path / "probe", progress=False, log=lambda m: None)
-    types = [t for t in __import__("flexlora.engines.federation", fromlist=["x"]).client_types_for(fed.cfg)]
+    from flexlora.engines.run_setup import client_types_for
+
+    types = list(client_types_for(fed.cfg))
     budget_type = types_from_budget([types[1].trainable_params(fed.shapes, fed.groups) + 1], fed.shapes,
                                     types=types, groups=fed.groups)[0]
     assert budget_type.name == "type2"
@@ -224,9 +227,8 @@ def test_too_few_replies_stop_with_an_error_and_an_intact_checkpoint(tmp_path: P
     ("shape", "expected rank"),
     ("rank", "expected rank"),
 ])
-def test_bad_replies_are_rejected_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str,
-                                          reason: str) -> None:
-    monkeypatch.setenv("FLEXLORA_TEST_FAULTS", "1")
+def test_bad_replies_are_rejected_by_name(tmp_path: Path, fault: str, reason: str) -> None:
+    faults_plan.install_node_faults()
     from flexlora.engines.federation import sample_round_clients
 
     victim = sample_round_clients(4, 3, 0, 2)[1]
@@ -266,7 +268,7 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_adapter(tmp_path: Pa
     killed = tmp_path / "killed"
     # SIGKILL of the ServerApp after round 3's replies arrived, before they were aggregated.
     res = run_cli(["run", *sets, "--output", str(killed), "--engine", "flower-inprocess"],
-               {"FLEXLORA_SERVER_KILL_AT": "3"})
+                  faults_plan.seam_env("server-kill=3"))
     assert res.returncode == -9, (res.returncode, res.stderr[-2000:])
     assert load_checkpoint(killed / "checkpoints")["round"] == 2
     res = run_cli(["run", "--resume", str(killed), "--engine", "flower-inprocess"])
@@ -284,11 +286,10 @@ def test_cli_reports_a_failed_federation_with_exit_3(tmp_path: Path) -> None:
     assert "min_clients = 4" in res.stderr
 
 
-def test_example_counts_are_checked_unless_the_node_has_its_own_data(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_counts_are_checked_unless_the_node_has_its_own_data(tmp_path: Path) -> None:
     # A node on the run's partition that claims ten times its examples is dropped by name; a node
     # on a data set of its own (5 examples, not its partition's size) is taken at its count.
-    monkeypatch.setenv("FLEXLORA_TEST_FAULTS", "1")
+    faults_plan.install_node_faults()
     from flexlora.engines.federation import sample_round_clients
 
     own = tmp_path / "own.jsonl"
@@ -315,9 +316,9 @@ def test_a_node_whose_ranks_exceed_max_rank_is_ignored(tmp_path: Path) -> None:
     nodes = [{"partition-id": 0, "ranks": "16"}, {"partition-id": 1}, {"partition-id": 2}, {"partition-id": 3}]
     logs: list[str] = []
     res, _ = _flower(tmp_path, "x", ["rounds=1", "eval.every=0", "eval.baseline=false", "eval.per_type=false",
-                                     "lora.types=[[2, 4], [4, 8]]", "aggregator_options={max_rank = 8}",
+                                     "lora.types=[[2, 4], [4, 8]]", "flexlora.max_rank=8",
                                      "flower.wait_for_nodes=0"],
                      node_configs=nodes, logs=logs)
-    assert any("node 100 ignored: its type r16-16 does not fit the run" in m and "max_rank = 8" in m for m in logs), logs
+    assert any("node 100 ignored: its type r16-16 does not fit the run" in m and "flexlora.max_rank = 8" in m for m in logs), logs
     ckpt = load_checkpoint(res.run_dir / "checkpoints")
     assert all(a[1] <= 8 and a[2] <= 8 for a in ckpt["assignment"])
