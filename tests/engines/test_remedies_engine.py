@@ -62,3 +62,11 @@ def test_a_remedy_for_another_aggregator_is_refused_at_set_up(tmp_path: Path) ->
 
     with pytest.raises(TypeError, match="remedy"):
         HetLoRA.Options(remedy="server-memory")
+    # And another method's options set on a built config are refused by the engine's set-up.
+    from flexlora.methods import FlexLoRA
+
+    cfg = load_config(None, sets[:-1])
+    cfg.method_options["hetlora"] = FlexLoRA.Options(remedy="server-memory")
+    with pytest.raises(ConfigError, match="config key 'hetlora': must be a HetLoRAOptions, got FlexLoRAOptions"):
+        Simulation(cfg, tmp_path / "bad", progress=False, log=lambda m: None)
+    assert not (tmp_path / "bad").exists()

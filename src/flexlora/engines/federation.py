@@ -40,7 +40,7 @@ from flexlora.engines.checkpoint import (
     run_lock,
     save_checkpoint,
 )
-from flexlora.engines.config import ConfigError, EvalSection, RunConfig, to_toml
+from flexlora.engines.config import ConfigError, EvalSection, RunConfig, method_sections, to_toml
 from flexlora.engines.evaluation import Evaluation
 from flexlora.engines.outputs import TensorBoardLog, export_run, write_metrics
 from flexlora.engines.rounds import (
@@ -129,6 +129,9 @@ class Federation:
     def _setup(self) -> None:
         cfg = self.cfg
         self._check_run_dir()
+        # A RunConfig changed in code after it was built skips validate(): its sections are
+        # checked again here, so another method's options are refused by name.
+        method_sections(cfg.aggregator, cfg.method_options)
         method_cls = method_class(cfg.aggregator)
         if (method_cls.homogeneous(cfg.options()) and cfg.rank_distribution != "homo" and not cfg.lora.ranks
                 and len(client_types_for(cfg)) > 1):
