@@ -181,8 +181,9 @@ def _qr_triplets(B: torch.Tensor, A: torch.Tensor, keep: int) -> tuple[torch.Ten
     # Requires R <= min(out, in), which the "auto" crossover guarantees.
     R = B.shape[-1]
     # LAPACK works on column-major matrices: A.T of a row-major Ac is already column-major, and
-    # scaled_stack builds Bc column-major, so neither factorisation copies its input first (a
-    # stacked batch of B is row-major per matrix and is copied once).
+    # the aggregators' stacks (LowRankSum.stack, scaled_stack) build Bc column-major, so neither
+    # factorisation copies its input first (a stacked batch of B is row-major per matrix and is
+    # copied once).
     hb, tau_b = torch.geqrf(B)  # Bc = Qb Rb
     ha, tau_a = torch.geqrf(A.mT)  # Ac^T = Qa Ra
     rb = torch.triu(hb[..., :R, :])

@@ -34,8 +34,9 @@ class LoRAMethod(Method):
     """A method whose clients train LoRA factors and whose server folds them into a core
     :class:`~flexlora.core.aggregators.Aggregator` (:attr:`aggregator_class`).
 
-    The aggregator is built once, on first use, with :meth:`aggregator_kwargs`: on Flower the
-    nodes' declared types (and so the largest rank) are known only after the run is set up.
+    The aggregator is built on first use with :meth:`aggregator_kwargs`, and again only if those
+    change: on Flower the nodes' declared types (and so FlexLoRA's largest rank) are known only
+    after the run is set up, and the start-up log may have asked for the aggregator before.
     """
 
     #: The core aggregator's class; the options fields its constructor accepts are its settings.
@@ -44,6 +45,7 @@ class LoRAMethod(Method):
     def __init__(self, options: Any, run: Any) -> None:
         super().__init__(options, run)
         self._aggregator: Aggregator | None = None
+        self._aggregator_kwargs: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ aggregator
     def aggregator_kwargs(self) -> dict[str, Any]:
@@ -53,11 +55,13 @@ class LoRAMethod(Method):
 
     @property
     def aggregator(self) -> Aggregator:
-        if self._aggregator is None:
+        kwargs = self.aggregator_kwargs()
+        if self._aggregator is None or kwargs != self._aggregator_kwargs:
             try:
-                self._aggregator = self.aggregator_class(**self.aggregator_kwargs())
+                self._aggregator = self.aggregator_class(**kwargs)
             except (AggregationError, TypeError) as exc:
                 raise ConfigError(f"config key '{self.name}': {exc}") from exc
+            self._aggregator_kwargs = kwargs
         return self._aggregator
 
     def summary(self) -> str:
@@ -122,11 +126,17 @@ class LoRAMethod(Method):
         init = unpack_factors(task.tensors, "init/") or None
         base = unpack_factors(task.tensors, "base/") or None
         init_seed = task.meta.get("init_seed")
+        if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int)
+                                      or not 0 <= init_seed < 2**63):
+            # The task came over a wire: a seed that is not one would otherwise fail deep in torch,
+            # or (a float, a bool) be silently rounded into another initialisation.
+            raise ValueError(f"the task's init_seed {init_seed!r} is not a seed (an integer in [0, 2**63)); "
+                             "the server that sent it is not a compatible flexlora")
         with merged_into_base(ctx.model, base, task.spec.alpha, rslora=task.spec.rslora):
             update, result = train_client(
                 ctx.model, ctx.tokenizer, task.spec, ctx.examples, init, ctx.train_cfg, seed=task.seed,
                 encoding=ctx.encoding, hetlora=cls.regularizer(task), dropout=ctx.dropout, on_step=ctx.on_step,
-                init_seed=int(init_seed) if init_seed is not None else None,
+                init_seed=init_seed,
             )
         return ClientReply(tensors=pack_factors(update.factors), num_examples=update.num_examples,
                            meta={"alpha": float(update.alpha), "rslora": bool(update.rslora),
@@ -200,8 +210,11 @@ class LoRAFold(MethodFold):
         self.decisions: dict[int, tuple[ClientTask, Any]] = {}
 
     def add(self, task: ClientTask, update: ClientUpdate) -> None:
-        # No copy: the orchestration releases the update right after and never touches it again.
-        self.acc.add(update, copy=False)
+        # read_reply has validated the update on its own (and against the run's modules), so only the
+        # checks across the round's clients run here. No copy: the orchestration releases the update
+        # right after and never touches it again.
+        shapes = self.method.run.shapes
+        self.acc.add_checked(update, {m: shapes[m] for m in update.factors}, copy=False)
         decision = self.method.decide(task, update)
         if decision is not None:
             self.decisions[task.client] = (task, decision)

@@ -360,6 +360,13 @@ def test_distribute_cache_and_one_svd_per_module(helpers, gen, monkeypatch):
         product_calls.append(args[0].shape)
         return real_product(*args, **kwargs)
 
+    dense_calls = []
+    real_dense = flexlora_mod.svd_of_dense
+
+    def counting_dense(*args, **kwargs):
+        dense_calls.append(args[0].shape)
+        return real_dense(*args, **kwargs)
+
     trunc_calls = []
     real_trunc = base_mod.truncate_to_factors
 
@@ -369,13 +376,17 @@ def test_distribute_cache_and_one_svd_per_module(helpers, gen, monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "svd", counting_svd)
     monkeypatch.setattr(flexlora_mod, "svd_of_product", counting_product)
+    monkeypatch.setattr(flexlora_mod, "svd_of_dense", counting_dense)
     monkeypatch.setattr(base_mod, "truncate_to_factors", counting_trunc)
     agg = FlexLoRA()
     state = agg.aggregate(updates)
-    assert len(product_calls) == 3 and len(svd_calls) == 3  # one per module per round
+    # One SVD per module per round. Module "b" (16 x 28) has total rank 20 > min(out, in) = 16, so
+    # its running sum is kept dense and SVD'd as such; "a" and "c" go through the factored path.
+    assert sorted(product_calls) == [(24, 20), (40, 20)] and dense_calls == [(16, 28)]
+    assert len(svd_calls) == 3
     client_ranks = [8, 13, 8, 4, 8, 4, 13]
     sent = [agg.distribute(state, r, 16.0) for r in client_ranks]
-    assert len(svd_calls) == 3 and len(product_calls) == 3  # distribution does no SVD
+    assert len(svd_calls) == 3 and len(product_calls) == 2 and len(dense_calls) == 1  # distribution does no SVD
     assert len(trunc_calls) == 3 * len(set(client_ranks))  # one truncation per module per distinct rank
     first = sent[0]
     again = sent[2]

@@ -1,5 +1,6 @@
 """Streaming aggregation (``Aggregator.begin_round``): folding the updates one at a time, in any
-arrival order, gives the batch ``aggregate`` result to float32 accuracy, for every aggregator;
+arrival order, gives the batch ``aggregate`` result to float32 accuracy, for every aggregator
+(``aggregate`` is that fold run over the list, so in the list's order the two are identical);
 a running :class:`LowRankSum` equals the naive float64 sum while its memory stays bounded; bad
 updates are refused without touching the running aggregate."""
 
@@ -160,6 +161,65 @@ def test_an_aggregator_without_its_own_accumulator_is_buffered():
     for u in updates:
         acc.add(u)
     _assert_same(acc.finish(), get_aggregator("flexlora").aggregate(updates))
+
+
+def test_aggregate_is_the_fold_in_list_order_bit_for_bit():
+    """``aggregate`` is the streaming fold run over the list (one implementation per aggregator):
+    in the list's own order every tensor of the result is identical, not merely close."""
+    gen = torch.Generator().manual_seed(12)
+    for name, (kw, ranks) in CASES.items():
+        updates = _round(gen, ranks, [3, 1, 4, 1, 5])
+        agg = get_aggregator(name.split("-")[0], **kw)
+        first = agg.aggregate(updates)
+        previous = first if "server-memory" in name or name == "flora" else None
+        batch = agg.aggregate(updates, previous)
+        stream = _stream(agg, updates, previous, range(5), ranks=[{m: r for m in SHAPES} for r in ranks])
+        _assert_identical(batch.state_dict(), stream.state_dict(), name)
+
+
+def _assert_identical(a, b, where) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_identical(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_add_checked_keeps_the_checks_across_clients():
+    """A server that validated each reply on arrival folds it with ``add_checked``: the per-update
+    checks are not run again, but those across the round's clients still are."""
+    gen = torch.Generator().manual_seed(13)
+    updates = _round(gen, [2, 5, 8], [1, 2, 3])
+    agg = get_aggregator("flexlora")
+    acc = agg.begin_round(None)
+    acc.add_checked(updates[0], {m: SHAPES[m] for m in updates[0].factors})
+    with pytest.raises(AggregationError, match="twice|same"):
+        acc.add_checked(updates[0], {m: SHAPES[m] for m in updates[0].factors})
+    with pytest.raises(AggregationError, match=r"module 'q': shape \(25, 20\).*differs from \(24, 20\)"):
+        acc.add_checked(updates[1], {"q": (25, 20), "mlp": SHAPES["mlp"]})
+    with pytest.raises(AggregationError, match="modules differ"):
+        acc.add_checked(updates[1], {"q": SHAPES["q"]})
+    for u in updates[1:]:
+        acc.add_checked(u, {m: SHAPES[m] for m in u.factors})
+    _assert_same(acc.finish(), agg.aggregate(updates))
+    with pytest.raises(AggregationError, match="finished"):
+        acc.add_checked(updates[0], SHAPES)
+
+
+def test_an_aggregator_defining_neither_half_is_refused_by_name():
+    class Empty(Aggregator):
+        name = "empty"
+
+    gen = torch.Generator().manual_seed(14)
+    with pytest.raises(NotImplementedError, match="Empty must implement begin_round"):
+        Empty().aggregate(_round(gen, [2], [1]))
 
 
 @settings(max_examples=40, deadline=None)

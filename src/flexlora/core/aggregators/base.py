@@ -134,11 +134,13 @@ class GlobalState:
             raise ValueError(f"malformed global state: {exc!r}") from exc
 
 
-class Aggregator(ABC):
+class Aggregator:
     """Server-side aggregation of LoRA client updates.
 
-    Subclasses implement :meth:`aggregate`; :meth:`distribute` has a default that sends each
-    client the best rank-``r`` approximation (Eckart-Young) of the global update.
+    Subclasses implement :meth:`begin_round` (their :class:`RoundAccumulator` holds the
+    aggregation maths, once); :meth:`aggregate` is that streaming fold run over a list.
+    :meth:`distribute` has a default that sends each client the best rank-``r`` approximation
+    (Eckart-Young) of the global update.
     """
 
     name: str = "base"
@@ -152,9 +154,12 @@ class Aggregator(ABC):
         self.check_finite = check_finite
         self.seed = seed
 
-    @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
         """Combine one round of client updates into the global state.
+
+        The whole round is validated first (so a bad round is refused before anything is
+        computed), then folded through :meth:`begin_round`'s accumulator in list order: the
+        result is exactly what streaming the same updates gives.
 
         Parameters
         ----------
@@ -162,8 +167,38 @@ class Aggregator(ABC):
             The round's clients; weights are ``p_k = n_k / sum_j n_j`` over these clients.
         previous : GlobalState or None
             The state before this round. Only aggregators whose clients send increments
-            (FLoRA) use it; the others ignore it.
+            (FLoRA) or that keep a server memory (FlexLoRA's ``remedy="server-memory"``) use it;
+            the others ignore it.
+
+        Returns
+        -------
+        GlobalState
+
+        Raises
+        ------
+        AggregationError
+            For a malformed round (see :func:`~flexlora.core.types.validate_round`), a ``previous``
+            that is not a :class:`GlobalState`, or a round the aggregator cannot combine.
         """
+        shapes = validate_round(updates, check_finite=self.check_finite)
+        return self._fold_round(updates, shapes, previous)
+
+    def _fold_round(
+        self, updates: Sequence[ClientUpdate], shapes: dict[str, tuple[int, int]], previous: GlobalState | None
+    ) -> GlobalState:
+        """Fold ``updates``, already validated as one round of modules ``shapes``, through a fresh
+        accumulator.
+
+        The updates' own ranks are the planned ranks (only FlexLoRA's rank partitioning reads
+        them). Each update skips :meth:`RoundAccumulator.add`'s checks, which are the per-update
+        part of the validation the round has passed, so nothing is checked twice.
+        """
+        acc = self.begin_round(previous, ranks=[{m: u.rank(m) for m in shapes} for u in updates])
+        for i, u in enumerate(updates):
+            # No copies: the caller's updates outlive this call, and every accumulator builds its
+            # state in new tensors, so the result shares no storage with them.
+            acc._take(u, u.label(i), shapes, copy=False)
+        return acc.finish()
 
     def distribute(
         self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
@@ -225,10 +260,11 @@ class Aggregator(ABC):
         """Start a streaming aggregation of one round (the one interface every engine uses).
 
         Feed each client update to :meth:`RoundAccumulator.add` as it arrives and call
-        :meth:`RoundAccumulator.finish` once; the result equals ``aggregate(updates, previous)`` to
-        float32 accuracy, in any arrival order. The built-in aggregators fold each update into
-        running sums as it is added, so the server never holds the round's updates together.
-        This default (for aggregators that do not override it) keeps them until ``finish``.
+        :meth:`RoundAccumulator.finish` once; the result equals ``aggregate(updates, previous)``
+        (exactly in the list's order, to float32 accuracy in any other). The built-in aggregators
+        fold each update into running sums as it is added, so the server never holds the round's
+        updates together. This default, for a subclass that implements :meth:`aggregate` instead,
+        keeps them until ``finish`` and aggregates them there.
 
         Parameters
         ----------
@@ -237,7 +273,15 @@ class Aggregator(ABC):
         ranks : sequence of mapping, optional
             The ranks ``{module: r}`` of every client that may reply this round (a superset is
             fine). Only FlexLoRA's ``remedy="rank-partitioned"`` needs it to stream.
+
+        Raises
+        ------
+        NotImplementedError
+            The subclass implements neither this nor :meth:`aggregate` (each is defined by the other).
         """
+        if type(self).aggregate is Aggregator.aggregate:
+            raise NotImplementedError(f"{type(self).__name__} must implement begin_round() (or aggregate()): the "
+                                      "base class defines each through the other")
         return BufferedAccumulator(self, previous)
 
     def summary(self) -> str:
@@ -292,11 +336,28 @@ class RoundAccumulator(ABC):
             # Name the update by its position in the round, not as "client 0" of a round of one.
             msg, first = str(exc), update.label(0) if isinstance(update, ClientUpdate) else "client 0"
             raise AggregationError(label + msg[len(first):] if msg.startswith(first) else msg) from None
+        self.add_checked(update, shapes, copy=copy)
+
+    def add_checked(self, update: ClientUpdate, shapes: Mapping[str, tuple[int, int]], *, copy: bool = True) -> None:
+        """:meth:`add` for an update that has passed :func:`~flexlora.core.types.validate_round` on
+        its own already (a server that checked the reply when it arrived), so nothing is checked
+        twice: only the checks across the round's clients (same client or update twice, mixed
+        precision, other modules or shapes) run here.
+
+        Parameters
+        ----------
+        update : ClientUpdate
+        shapes : mapping module -> (out, in)
+            The update's modules, in the order of ``update.factors``, as ``validate_round`` gives.
+        copy : bool, default True
+            As in :meth:`add`.
+        """
+        if self._finished:
+            raise AggregationError("this round's aggregation is finished; start the next with begin_round()")
+        shapes = dict(shapes)
+        label = update.label(self.count)
         self._register.check(update, label, self.count)
-        first = self.shapes is None
-        if first:
-            self.shapes = shapes
-        elif shapes != self.shapes:
+        if self.shapes is not None and shapes != self.shapes:
             missing = sorted(set(self.shapes) - set(shapes))
             extra = sorted(set(shapes) - set(self.shapes))
             if missing or extra:
@@ -309,6 +370,14 @@ class RoundAccumulator(ABC):
                 f"{label}, module {bad!r}: shape {shapes[bad]} (out, in) differs from {self.shapes[bad]} in earlier "
                 "clients. All clients must adapt the same base model."
             )
+        self._take(update, label, shapes, copy=copy)
+
+    def _take(self, update: ClientUpdate, label: str, shapes: dict[str, tuple[int, int]], *, copy: bool) -> None:
+        """Fold in ``update`` (the round's client ``label``, of modules ``shapes``), already checked:
+        by :meth:`add`, or with its whole round by :meth:`Aggregator.aggregate`."""
+        first = self.shapes is None
+        if first:
+            self.shapes = shapes
         self._copy = copy
         try:
             with torch.no_grad():  # a caller's factors that require grad leave no graph in the state
@@ -353,8 +422,12 @@ class RoundAccumulator(ABC):
 
 
 class BufferedAccumulator(RoundAccumulator):
-    """Keeps the round's updates and calls ``aggregate`` at :meth:`finish` (the default of
-    :meth:`Aggregator.begin_round`; memory grows with the clients)."""
+    """Keeps the round's updates until :meth:`finish` (memory grows with the clients).
+
+    The default of :meth:`Aggregator.begin_round`, where ``finish`` calls the subclass's own
+    ``aggregate``; and FlexLoRA's rank-partitioned round without planned ranks, which ``finish``
+    folds through a streaming accumulator planned with the ranks that replied.
+    """
 
     def __init__(self, aggregator: Aggregator, previous: GlobalState | None) -> None:
         super().__init__(aggregator, previous)
@@ -368,7 +441,12 @@ class BufferedAccumulator(RoundAccumulator):
 
     def _finish(self) -> GlobalState:
         updates, self.updates = self.updates, []
-        return self.aggregator.aggregate(updates, self.previous)
+        agg = self.aggregator
+        if type(agg).aggregate is not Aggregator.aggregate:
+            return agg.aggregate(updates, self.previous)
+        # add() has checked every update against the round already: fold them unchecked.
+        assert self.shapes is not None
+        return agg._fold_round(updates, self.shapes, self.previous)
 
 
 def check_previous(previous: Any) -> None:
@@ -406,6 +484,9 @@ def scaled_stack(
     updates: Sequence[ClientUpdate], module: str, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Bc, Ac)`` with ``Bc = [p_k s_k B_k]`` (``out x R``) and ``Ac = [A_k]`` (``R x in``).
+
+    The stack of a whole round at once, for checks and analysis of a round's SVD; the aggregators
+    themselves build theirs client by client (:class:`~flexlora.core.lowrank.LowRankSum`).
 
     ``Bc @ Ac == sum_k p_k s_k B_k A_k`` with each client's own scaling ``s_k = alpha_k / r_k``
     (``alpha_k / sqrt(r_k)`` for a client with ``rslora``). Each client's coefficient is formed

@@ -24,7 +24,6 @@ from flexlora.core.aggregators.base import (
     RoundAccumulator,
     _check_alpha,
     _check_rslora,
-    check_previous,
     check_state,
 )
 from flexlora.core.types import (
@@ -32,10 +31,8 @@ from flexlora.core.types import (
     ClientUpdate,
     Factors,
     check_rank_request,
-    client_weights,
     lora_scaling,
     lora_scaling_denominator,
-    validate_round,
 )
 
 
@@ -53,50 +50,6 @@ class FedAvg(Aggregator):
 
     def __init__(self, *, check_finite: bool = True) -> None:
         super().__init__(check_finite=check_finite)
-
-    @torch.no_grad()  # factors that require grad leave no autograd graph in the state
-    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
-        check_previous(previous)
-        shapes = validate_round(updates, check_finite=self.check_finite)
-        alphas = {float(u.alpha) for u in updates}
-        if len(alphas) > 1:
-            raise AggregationError(
-                f"fedavg needs the same alpha on every client, got {sorted(alphas)}; "
-                "use 'flexlora' (or 'hetlora') for heterogeneous clients"
-            )
-        alpha = alphas.pop()
-        # Averaging A and B entrywise is only meaningful when every client applies the same scale.
-        rsloras = {u.rslora for u in updates}
-        if len(rsloras) > 1:
-            raise AggregationError(
-                "fedavg needs the same rslora setting on every client, but the round mixes alpha / r and "
-                "alpha / sqrt(r) scaling; use 'flexlora' (or 'hetlora') for heterogeneous clients"
-            )
-        rslora = rsloras.pop()
-        weights = client_weights(updates)
-        modules: dict[str, ModuleState] = {}
-        for name, shape in shapes.items():
-            ranks = [u.rank(name) for u in updates]
-            if len(set(ranks)) > 1:
-                who = ", ".join(f"{u.label(i)}: {r}" for i, (u, r) in enumerate(zip(updates, ranks)))
-                raise AggregationError(
-                    f"fedavg averages A and B factor-wise and needs one rank per module, but module "
-                    f"{name!r} has mixed ranks ({who}); use 'flexlora' for heterogeneous ranks"
-                )
-            first_a = updates[0].factors[name][0]
-            dtype = torch.float64 if first_a.dtype == torch.float64 else torch.float32
-            A = sum(w * u.factors[name][0].to(dtype) for w, u in zip(weights.tolist(), updates))
-            B = sum(w * u.factors[name][1].to(dtype) for w, u in zip(weights.tolist(), updates))
-            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=lora_scaling(alpha, ranks[0], rslora))
-        # "rslora" is recorded only when set, so that plain-LoRA states (and checkpoints) keep
-        # exactly the contents they had before the option existed.
-        extra: dict = {"alpha": alpha, "rslora": True} if rslora else {"alpha": alpha}
-        return GlobalState(
-            aggregator=self.name,
-            modules=modules,
-            round=(previous.round + 1) if previous is not None else 1,
-            extra=extra,
-        )
 
     def begin_round(
         self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None

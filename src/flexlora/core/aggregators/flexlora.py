@@ -43,16 +43,12 @@ from flexlora.core.aggregators.base import (
     GlobalState,
     ModuleState,
     RoundAccumulator,
-    check_previous,
-    scaled_stack,
 )
 from flexlora.core.lowrank import LowRankSum, LowRankSVD, batches_well, svd_of_dense, svd_of_product, svd_of_products
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
-    client_weights,
     lora_scaling_denominator,
-    validate_round,
 )
 
 REMEDIES = ("none", "server-memory", "rank-partitioned")
@@ -162,37 +158,6 @@ class FlexLoRA(Aggregator):
             raise AggregationError(f"batch_modules must be true, false or absent (auto), got {batch_modules!r}")
         self.batch_modules = batch_modules
 
-    @torch.no_grad()  # factors that require grad leave no autograd graph in the state
-    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
-        """One SVD per module of ``sum_k p_k s_k B_k A_k``.
-
-        With ``remedy="none"`` or ``"rank-partitioned"``, ``previous`` is unused, because each
-        client's factors already start from the distributed global update. With
-        ``"server-memory"`` it must be the state the clients received (None in the first round).
-        """
-        check_previous(previous)
-        shapes = validate_round(updates, check_finite=self.check_finite)
-        weights = client_weights(updates)
-        generator = None
-        if self.svd_method == "randomized":
-            device = next(iter(updates[0].factors.values()))[0].device
-            generator = torch.Generator(device=device).manual_seed(self.seed + (previous.round if previous else 0))
-        svds = _ModuleSVDs(self, generator)
-        for name in shapes:
-            if self.remedy == "rank-partitioned":
-                Bc, Ac = partitioned_stack(updates, name, weights)
-            else:
-                Bc, Ac = scaled_stack(updates, name, weights)
-            if self.remedy == "server-memory" and previous is not None:
-                Bc, Ac = _with_memory(Bc, Ac, [u.rank(name) for u in updates], name, weights, previous)
-            svds.add(name, Bc, Ac)
-        done = svds.finish()
-        return GlobalState(
-            aggregator=self.name,
-            modules={name: ModuleState(shape=shape, svd=done[name]) for name, shape in shapes.items()},
-            round=(previous.round + 1) if previous is not None else 1,
-        )
-
     def _check_ranks(self, state: GlobalState, ranks: Mapping[str, int]) -> None:
         # A rank above max_rank cannot be served once the state was truncated to max_rank: it no
         # longer holds the directions such a client would need.
@@ -212,7 +177,12 @@ class FlexLoRA(Aggregator):
         """Streaming aggregation (see :meth:`Aggregator.begin_round`): each update is folded into
         one :class:`~flexlora.core.lowrank.LowRankSum` per module (per rank partition with
         ``remedy="rank-partitioned"``, which needs ``ranks`` for that; without it the round is
-        buffered)."""
+        buffered until ``finish``, where the ranks that replied are planned).
+
+        With ``remedy="none"`` or ``"rank-partitioned"``, ``previous`` only numbers the round,
+        because each client's factors already start from the distributed global update. With
+        ``"server-memory"`` it must be the state the clients received (None in the first round).
+        """
         if self.remedy == "rank-partitioned" and ranks is None:
             return BufferedAccumulator(self, previous)
         return _FlexLoRAAccumulator(self, previous, ranks)
@@ -362,33 +332,6 @@ class _ModuleSVDs:
         self.done.update(zip(self.held, results))
         self.held = {}
         return self.done
-
-
-def partitioned_stack(
-    updates: Sequence[ClientUpdate], module: str, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Bc, Ac)`` of the rank-partitioned average of ``module`` (``remedy="rank-partitioned"``).
-
-    Column ``i`` of client ``k``'s ``B_k`` (with row ``i`` of ``A_k``) is weighted by
-    ``p_k / P_i`` with ``P_i = sum_{j: r_j > i} p_j``, the weight of the clients that hold
-    direction ``i``; this is the same as splitting the factors at the distinct ranks of the round
-    and averaging each partition over its holders. A partition every client holds keeps the plain
-    ``p_k`` (no division), so a round of equal ranks gives the faithful stack exactly.
-    """
-    ranks = [int(u.factors[module][0].shape[0]) for u in updates]
-    p = weights.tolist()
-    Bc, Ac = scaled_stack(updates, module, weights)
-    scales = []
-    for r in ranks:
-        # Per-column factor 1 / P_i (1 where every client holds column i).
-        f = torch.ones(r, dtype=torch.float64)
-        for i in range(min(ranks), r):
-            f[i] = 1.0 / sum(pj for pj, rj in zip(p, ranks) if rj > i)
-        scales.append(f)
-    scale = torch.cat(scales).to(device=Bc.device, dtype=Bc.dtype)
-    if bool((scale != 1).any()):
-        Bc = Bc * scale
-    return Bc, Ac
 
 
 def _with_memory(

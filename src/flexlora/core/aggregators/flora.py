@@ -26,18 +26,14 @@ from flexlora.core.aggregators.base import (
     RoundAccumulator,
     _check_alpha,
     _check_rslora,
-    check_previous,
     check_state,
-    scaled_stack,
 )
 from flexlora.core.lowrank import LowRankSum, svd_of_dense, svd_of_product
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
     Factors,
-    client_weights,
     lora_scaling_denominator,
-    validate_round,
 )
 
 
@@ -63,29 +59,6 @@ class FLoRA(Aggregator):
         if not isinstance(accumulate, bool):
             raise AggregationError(f"accumulate must be True or False, got {accumulate!r}")
         self.accumulate = accumulate
-
-    @torch.no_grad()  # factors that require grad leave no autograd graph in the state
-    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
-        check_previous(previous)
-        shapes = validate_round(updates, check_finite=self.check_finite)
-        weights = client_weights(updates)
-        modules: dict[str, ModuleState] = {}
-        for name, shape in shapes.items():
-            B, A = scaled_stack(updates, name, weights)
-            if self.accumulate and previous is not None and name in previous.modules:
-                prev = previous.modules[name]
-                if prev.shape != shape:
-                    raise ValueError(f"module {name!r}: shape {shape} differs from the previous state's {prev.shape}")
-                pa, pb = _as_factors(prev)
-                A = torch.cat([pa.to(A), A], dim=0)
-                B = torch.cat([pb.to(B), B], dim=1)
-            if A.shape[0] > min(shape):
-                svd = svd_of_product(B, A, method="dense")
-                B, A = svd.U * svd.S, svd.V.T.contiguous()
-            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=1.0)
-        return GlobalState(
-            aggregator=self.name, modules=modules, round=(previous.round + 1) if previous is not None else 1
-        )
 
     def begin_round(
         self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None

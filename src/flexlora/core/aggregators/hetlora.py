@@ -30,7 +30,6 @@ from flexlora.core.aggregators.base import (
     RoundAccumulator,
     _check_alpha,
     _check_rslora,
-    check_previous,
     check_state,
 )
 from flexlora.core.lowrank import frobenius_of_product, pad_to_rank, stable_seed
@@ -39,9 +38,7 @@ from flexlora.core.types import (
     ClientUpdate,
     Factors,
     check_rank_request,
-    client_weights,
     lora_scaling_denominator,
-    validate_round,
 )
 
 _WEIGHTINGS = ("norm", "norm_size", "size")
@@ -69,46 +66,6 @@ class HetLoRA(Aggregator):
         if weighting not in _WEIGHTINGS:
             raise AggregationError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
         self.weighting = weighting
-
-    @torch.no_grad()  # factors that require grad leave no autograd graph in the state
-    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
-        check_previous(previous)
-        shapes = validate_round(updates, check_finite=self.check_finite)
-        sizes = client_weights(updates)
-        modules: dict[str, ModuleState] = {}
-        for name, shape in shapes.items():
-            r_max = max(u.rank(name) for u in updates)
-            first_a = updates[0].factors[name][0]
-            dtype = torch.float64 if first_a.dtype == torch.float64 else torch.float32
-            device = first_a.device
-            scaled = []
-            for u in updates:
-                a, b = u.factors[name]
-                scaled.append((a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype) * u.scale(name)))
-            weights = self._weights(scaled, sizes, name)
-            A = torch.zeros(r_max, shape[1], dtype=dtype, device=device)
-            B = torch.zeros(shape[0], r_max, dtype=dtype, device=device)
-            for w, (a, b) in zip(weights, scaled):
-                r = a.shape[0]
-                A[:r] += w * a
-                B[:, :r] += w * b
-            modules[name] = ModuleState(shape=shape, A=A, B=B, scale=1.0)
-        return GlobalState(
-            aggregator=self.name, modules=modules, round=(previous.round + 1) if previous is not None else 1
-        )
-
-    def _weights(self, scaled: list[tuple[torch.Tensor, torch.Tensor]], sizes: torch.Tensor, module: str) -> list[float]:
-        if self.weighting == "size":
-            return sizes.tolist()
-        norms = torch.stack([frobenius_of_product(b.double(), a.double()) for a, b in scaled])
-        if self.weighting == "norm_size":
-            norms = norms * sizes
-        total = float(norms.sum())
-        if not total > 0.0:
-            # Every update of this module is zero (e.g. the first steps of LoRA with B = 0):
-            # the norms carry no information, so fall back to data-size weights.
-            return sizes.tolist()
-        return (norms / total).tolist()
 
     def begin_round(
         self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
@@ -263,7 +220,8 @@ class _HetLoRAAccumulator(RoundAccumulator):
         for name, shape in self.shapes.items():
             acc = self.by_weight.pop(name)
             if not acc.weight > 0.0:
-                # Every update of this module is zero: data-size weights, as aggregate() falls back to.
+                # Every update of this module is zero (e.g. the first steps of LoRA with B = 0): the
+                # norms carry no information, so fall back to data-size weights.
                 acc = self.by_size.pop(name, acc)
             assert acc.A is not None and acc.B is not None
             modules[name] = ModuleState(shape=shape, A=acc.A / acc.weight, B=acc.B / acc.weight, scale=1.0)
