@@ -122,6 +122,25 @@ def test_loopback_deployment_matches_the_in_process_engine(tmp_path: Path) -> No
     assert deterministic_view(_metrics(local.run_dir)) == deterministic_view(_metrics(out))
 
 
+def test_slora_deployment_matches_the_in_process_engine(tmp_path: Path) -> None:
+    """SLoRA across processes: round 1 is the sparse stage (masks drawn on the nodes from the
+    task's seed, sparse values on the wire), round 2 starts every node from the stage-1 change at
+    its own ranks; the adapter and metrics equal the in-process engine's."""
+    sets = [*TINY, "rounds=2", "aggregator=slora", "slora.stage1_rounds=1", "slora.then=flexlora",
+            "eval.every=0", "eval.baseline=false", "eval.per_type=false"]
+    local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
+    local.run()
+    out = tmp_path / "deployed"
+    res = _deploy(out, [f"partition-id={i}" for i in range(4)], _quoted(sets), None, port=19790)
+    assert res.returncode == 0, res.stdout[-4000:]
+    a, b = _adapter(local.run_dir), _adapter(out)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert max(float(t.abs().max()) for t in a.values()) > 0
+    mine, theirs = deterministic_view(_metrics(local.run_dir)), deterministic_view(_metrics(out))
+    assert mine == theirs
+    assert [r.get("slora_stage") for r in _metrics(out) if r["round"] > 0] == [1, 2]
+
+
 def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
     """Over Flower's TLS (a CA and server certificate made for this test) with SuperNode
     authentication on: the registered node trains, the unregistered one is refused, and a

@@ -55,6 +55,9 @@ def _metrics(d: Path) -> list[dict]:
     ["aggregator=fedavg", "rank_distribution=homo"],
     ["lora.rslora=true"],
     ["lora.init=per-client"],  # round-1 clients draw their own adapters: no init seed on the wire
+    # SLoRA: round 1 is the sparse stage (masks and sparse values on the wire), round 2 starts
+    # every client from the stage-1 change at its own ranks.
+    ["aggregator=slora", "slora.stage1_rounds=1", "slora.then=flexlora"],
 ])
 def test_same_adapter_and_metrics_as_the_in_process_engine(tmp_path: Path, extra: list[str]) -> None:
     extra = ["rounds=2", *extra]
