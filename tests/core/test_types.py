@@ -230,7 +230,7 @@ def test_registry():
         get_aggregator("flexlora", max_rnak=3)
     assert "max_rank" in str(exc.value).split("its settings are")[1]  # the fix is named
     # The list is the class's own keyword settings (FedAvg has one; HetLoRA's weighting is not its).
-    with pytest.raises(AggregationError, match="has no setting 'weighting'; its settings are check_finite$"):
+    with pytest.raises(AggregationError, match="has no setting 'weighting'; its settings are check_finite, clip_norm$"):
         get_aggregator("fedavg", weighting="norm")
     assert get_aggregator("flexlora", max_rank=3).max_rank == 3
 

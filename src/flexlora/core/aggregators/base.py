@@ -12,6 +12,14 @@ from typing import Any
 
 import torch
 
+from flexlora.core.clipping import (
+    ClipRecord,
+    check_clip_norm,
+    clip_factor,
+    clip_factors_towards,
+    factor_change_norm,
+    product_change_norm,
+)
 from flexlora.core.lowrank import LowRankSVD, stable_seed, svd_of_product, truncate_to_factors
 from flexlora.core.types import (
     AggregationError,
@@ -147,14 +155,30 @@ class Aggregator:
     # True for aggregators that average A and B separately: their clients must share one start.
     averages_factors: bool = False
 
-    def __init__(self, *, split: str = "B", check_finite: bool = True, seed: int = 0) -> None:
+    def __init__(self, *, split: str = "B", check_finite: bool = True, seed: int = 0,
+                 clip_norm: float | None = None) -> None:
         if split not in ("B", "A", "sqrt"):
             raise AggregationError(f"split must be 'B', 'A' or 'sqrt', got {split!r}")
         self.split = split
         self.check_finite = check_finite
         self.seed = seed
+        self.clip_norm = check_clip_norm(clip_norm)
 
-    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None) -> GlobalState:
+    def sent_factors(self, previous: GlobalState | None, update: ClientUpdate) -> dict[str, Factors] | None:
+        """What a client of ``update``'s ranks, alpha and scaling was sent from ``previous``: the
+        reference its contribution is measured from when clipping (:mod:`flexlora.core.clipping`).
+
+        The default is :meth:`distribute` of ``previous`` (None without a previous state: the client
+        started from a zero product, or, for factor averaging, from zero factors; pass ``sent=``
+        to :meth:`RoundAccumulator.add` where the clients started from a shared fresh adapter).
+        """
+        if previous is None or any(m not in previous.modules for m in update.factors):
+            return None
+        return self.distribute(previous, {m: update.rank(m) for m in update.factors}, update.alpha,
+                               rslora=update.rslora)
+
+    def aggregate(self, updates: Sequence[ClientUpdate], previous: GlobalState | None = None, *,
+                  sent: Sequence[Mapping[str, Factors] | None] | None = None) -> GlobalState:
         """Combine one round of client updates into the global state.
 
         The whole round is validated first (so a bad round is refused before anything is
@@ -167,8 +191,11 @@ class Aggregator:
             The round's clients; weights are ``p_k = n_k / sum_j n_j`` over these clients.
         previous : GlobalState or None
             The state before this round. Only aggregators whose clients send increments
-            (FLoRA) or that keep a server memory (FlexLoRA's ``remedy="server-memory"``) use it;
-            the others ignore it.
+            (FLoRA) or that keep a server memory (FlexLoRA's ``remedy="server-memory"``) use it,
+            and clipping (``clip_norm``) measures each contribution from what it sent.
+        sent : sequence of (mapping module -> (A0, B0)) or None, optional
+            With ``clip_norm``: the factors each client started from (default:
+            :meth:`sent_factors` of ``previous``).
 
         Returns
         -------
@@ -181,10 +208,13 @@ class Aggregator:
             that is not a :class:`GlobalState`, or a round the aggregator cannot combine.
         """
         shapes = validate_round(updates, check_finite=self.check_finite)
-        return self._fold_round(updates, shapes, previous)
+        if sent is not None and len(sent) != len(updates):
+            raise AggregationError(f"sent gives {len(sent)} starting points for {len(updates)} updates")
+        return self._fold_round(updates, shapes, previous, sent)
 
     def _fold_round(
-        self, updates: Sequence[ClientUpdate], shapes: dict[str, tuple[int, int]], previous: GlobalState | None
+        self, updates: Sequence[ClientUpdate], shapes: dict[str, tuple[int, int]], previous: GlobalState | None,
+        sent: Sequence[Mapping[str, Factors] | None] | None = None,
     ) -> GlobalState:
         """Fold ``updates``, already validated as one round of modules ``shapes``, through a fresh
         accumulator.
@@ -194,11 +224,7 @@ class Aggregator:
         part of the validation the round has passed, so nothing is checked twice.
         """
         acc = self.begin_round(previous, ranks=[{m: u.rank(m) for m in shapes} for u in updates])
-        for i, u in enumerate(updates):
-            # No copies: the caller's updates outlive this call, and every accumulator builds its
-            # state in new tensors, so the result shares no storage with them.
-            acc._take(u, u.label(i), shapes, copy=False)
-        return acc.finish()
+        return _fold_into(acc, updates, shapes, sent).finish()
 
     def distribute(
         self, state: GlobalState, rank: int | Mapping[str, int], alpha: float = 16.0, *, rslora: bool = False
@@ -296,7 +322,15 @@ class RoundAccumulator(ABC):
     :meth:`add` validates the update on its own and against the round's first update (modules
     and shapes), so a bad update is refused with the same error ``aggregate`` gives and leaves
     the running aggregate untouched; :meth:`finish` returns the round's :class:`GlobalState`.
+
+    With a bound ``clip_norm`` (the aggregator's, or set on the accumulator before the first add),
+    each update's contribution is brought within it before it is folded
+    (:mod:`flexlora.core.clipping`); :attr:`clip_log` keeps one :class:`ClipRecord` per update.
     """
+
+    #: True for an accumulator of products that folds a clipped contribution itself (from
+    #: ``self._clip``); otherwise :meth:`_take` hands ``_fold`` an equivalent clipped update.
+    folds_clipped_products: bool = False
 
     def __init__(self, aggregator: Aggregator, previous: GlobalState | None) -> None:
         check_previous(previous)
@@ -309,8 +343,12 @@ class RoundAccumulator(ABC):
         self._register = RoundRegister()  # clients and precision taken in so far, across the adds
         # Set by add() for _fold: whether what it keeps of an update must be a copy (add's `copy`).
         self._copy = True
+        self.clip_norm: float | None = aggregator.clip_norm
+        self.clip_log: list[ClipRecord] = []
+        # Set by _take for an accumulator that folds clipped products: (scale c, factors sent).
+        self._clip: tuple[float, Mapping[str, Factors] | None] = (1.0, None)
 
-    def add(self, update: ClientUpdate, *, copy: bool = True) -> None:
+    def add(self, update: ClientUpdate, *, copy: bool = True, sent: Mapping[str, Factors] | None = None) -> None:
         """Fold ``update`` into the round's aggregate.
 
         Parameters
@@ -321,6 +359,9 @@ class RoundAccumulator(ABC):
             change its tensors once ``add`` returns. ``False`` lets the round keep references
             instead (no transient copy of a reply): for a caller that never touches the update
             again, as the engines do.
+        sent : mapping module -> (A0, B0), optional
+            With a ``clip_norm``: the factors the client started from, at its ranks and for its
+            scaling (default :meth:`Aggregator.sent_factors` of the round's ``previous``).
 
         Raises
         ------
@@ -336,9 +377,10 @@ class RoundAccumulator(ABC):
             # Name the update by its position in the round, not as "client 0" of a round of one.
             msg, first = str(exc), update.label(0) if isinstance(update, ClientUpdate) else "client 0"
             raise AggregationError(label + msg[len(first):] if msg.startswith(first) else msg) from None
-        self.add_checked(update, shapes, copy=copy)
+        self.add_checked(update, shapes, copy=copy, sent=sent)
 
-    def add_checked(self, update: ClientUpdate, shapes: Mapping[str, tuple[int, int]], *, copy: bool = True) -> None:
+    def add_checked(self, update: ClientUpdate, shapes: Mapping[str, tuple[int, int]], *, copy: bool = True,
+                    sent: Mapping[str, Factors] | None = None) -> None:
         """:meth:`add` for an update that has passed :func:`~flexlora.core.types.validate_round` on
         its own already (a server that checked the reply when it arrived), so nothing is checked
         twice: only the checks across the round's clients (same client or update twice, mixed
@@ -350,6 +392,8 @@ class RoundAccumulator(ABC):
         shapes : mapping module -> (out, in)
             The update's modules, in the order of ``update.factors``, as ``validate_round`` gives.
         copy : bool, default True
+            As in :meth:`add`.
+        sent : mapping module -> (A0, B0), optional
             As in :meth:`add`.
         """
         if self._finished:
@@ -370,25 +414,60 @@ class RoundAccumulator(ABC):
                 f"{label}, module {bad!r}: shape {shapes[bad]} (out, in) differs from {self.shapes[bad]} in earlier "
                 "clients. All clients must adapt the same base model."
             )
-        self._take(update, label, shapes, copy=copy)
+        self._take(update, label, shapes, copy=copy, sent=sent)
 
-    def _take(self, update: ClientUpdate, label: str, shapes: dict[str, tuple[int, int]], *, copy: bool) -> None:
+    def _take(self, update: ClientUpdate, label: str, shapes: dict[str, tuple[int, int]], *, copy: bool,
+              sent: Mapping[str, Factors] | None = None) -> None:
         """Fold in ``update`` (the round's client ``label``, of modules ``shapes``), already checked:
         by :meth:`add`, or with its whole round by :meth:`Aggregator.aggregate`."""
         first = self.shapes is None
         if first:
             self.shapes = shapes
         self._copy = copy
+        record, given = None, update
         try:
             with torch.no_grad():  # a caller's factors that require grad leave no graph in the state
+                if self.clip_norm is not None:
+                    update, record = self._clipped(update, label, sent)
                 self._fold(update, label)
         except BaseException:
             if first:
                 self.shapes = None  # a refused first update does not set the round's modules
             raise
-        self._register.record(update, self.count)
+        finally:
+            self._clip = (1.0, None)
+        if record is not None:
+            self.clip_log.append(record)
+        self._register.record(given, self.count)
         self.count += 1
         self.total_examples += int(update.num_examples)
+
+    def _clipped(self, update: ClientUpdate, label: str,
+                 sent: Mapping[str, Factors] | None) -> tuple[ClientUpdate, ClipRecord]:
+        """``update`` with its contribution brought within ``clip_norm`` (module docstring of
+        :mod:`flexlora.core.clipping`), and the record of what was done."""
+        bound = check_clip_norm(self.clip_norm)
+        assert bound is not None
+        agg = self.aggregator
+        if sent is None:
+            sent = agg.sent_factors(self.previous, update)
+        if sent is not None:
+            _check_sent(sent, update, label)
+        if agg.averages_factors:
+            norm = factor_change_norm(update.factors, sent)
+            c = clip_factor(norm, bound)
+            if c < 1.0:
+                update = dataclasses.replace(update, factors=clip_factors_towards(update.factors, sent, c))
+        else:
+            norm = product_change_norm(update.factors, {m: update.scale(m) for m in update.factors}, sent)
+            c = clip_factor(norm, bound)
+            if self.folds_clipped_products:
+                self._clip = (c, sent)
+            elif c < 1.0:
+                update = _clipped_product_update(update, sent, c)
+        if not math.isfinite(norm):
+            raise AggregationError(f"{label}: its contribution's norm is not finite ({norm}); it cannot be bounded")
+        return update, ClipRecord(client=update.client_id or label, norm=norm, bound=bound, factor=c)
 
     def finish(self) -> GlobalState:
         """The round's global state.
@@ -432,6 +511,24 @@ class BufferedAccumulator(RoundAccumulator):
     def __init__(self, aggregator: Aggregator, previous: GlobalState | None) -> None:
         super().__init__(aggregator, previous)
         self.updates: list[ClientUpdate] = []
+        self.sent: list[Mapping[str, Factors] | None] = []
+
+    def _own_aggregate(self) -> bool:
+        return type(self.aggregator).aggregate is not Aggregator.aggregate
+
+    def _take(self, update: ClientUpdate, label: str, shapes: dict[str, tuple[int, int]], *, copy: bool,
+              sent: Mapping[str, Factors] | None = None) -> None:
+        if self._own_aggregate():
+            # The subclass's aggregate() folds what it is given: clip here.
+            super()._take(update, label, shapes, copy=copy, sent=sent)
+            return
+        # The fold at finish() clips each update (the accumulator that knows how), so not here.
+        bound, self.clip_norm = self.clip_norm, None
+        try:
+            super()._take(update, label, shapes, copy=copy)
+        finally:
+            self.clip_norm = bound
+        self.sent.append(sent)
 
     def _fold(self, update: ClientUpdate, label: str) -> None:
         if self._copy:
@@ -442,11 +539,56 @@ class BufferedAccumulator(RoundAccumulator):
     def _finish(self) -> GlobalState:
         updates, self.updates = self.updates, []
         agg = self.aggregator
-        if type(agg).aggregate is not Aggregator.aggregate:
+        if self._own_aggregate():
             return agg.aggregate(updates, self.previous)
         # add() has checked every update against the round already: fold them unchecked.
         assert self.shapes is not None
-        return agg._fold_round(updates, self.shapes, self.previous)
+        acc = agg.begin_round(self.previous, ranks=[{m: u.rank(m) for m in self.shapes} for u in updates])
+        acc.clip_norm = self.clip_norm
+        _fold_into(acc, updates, self.shapes, self.sent)
+        self.clip_log = acc.clip_log
+        return acc.finish()
+
+
+def _fold_into(acc: RoundAccumulator, updates: Sequence[ClientUpdate], shapes: dict[str, tuple[int, int]],
+               sent: Sequence[Mapping[str, Factors] | None] | None) -> RoundAccumulator:
+    """Fold ``updates``, checked already as one round of modules ``shapes``, into ``acc``."""
+    for i, u in enumerate(updates):
+        # No copies: the caller's updates outlive this call, and every accumulator builds its
+        # state in new tensors, so the result shares no storage with them.
+        acc._take(u, u.label(i), shapes, copy=False, sent=sent[i] if sent is not None else None)
+    return acc
+
+
+def _check_sent(sent: Mapping[str, Factors], update: ClientUpdate, label: str) -> None:
+    for m, (a, b) in update.factors.items():
+        if m not in sent:
+            continue
+        a0, b0 = sent[m]
+        if tuple(a0.shape) != tuple(a.shape) or tuple(b0.shape) != tuple(b.shape):
+            raise AggregationError(f"{label}, module {m!r}: the factors it was sent (A{tuple(a0.shape)}, "
+                                   f"B{tuple(b0.shape)}) do not match its update's (A{tuple(a.shape)}, "
+                                   f"B{tuple(b.shape)}); pass sent= at the client's own ranks")
+
+
+def _clipped_product_update(update: ClientUpdate, sent: Mapping[str, Factors] | None, c: float) -> ClientUpdate:
+    """An update whose product is ``T + c (s B A - T)`` with ``T = s B0 A0`` (what was sent), for an
+    accumulator of products that does not fold clipped contributions itself.
+
+    Without ``sent`` it is ``c s B A``: ``B`` scaled, the rank unchanged. With it the product
+    ``c s B A + (1 - c) s B0 A0`` needs rank ``2 r``: ``A' = [A; A0]``, ``B' = [c B, (1 - c) B0] s / s'``
+    with the scaling ``s'`` of rank ``2 r``.
+    """
+    factors: dict[str, Factors] = {}
+    for m, (a, b) in update.factors.items():
+        if sent is None or m not in sent or not (bool(sent[m][0].any()) and bool(sent[m][1].any())):
+            factors[m] = (a, b * c)  # nothing (a zero product) was sent
+            continue
+        a0, b0 = (t.to(device=a.device, dtype=a.dtype) for t in sent[m])
+        r = a.shape[0]
+        k = lora_scaling_denominator(2 * r, update.rslora) / lora_scaling_denominator(r, update.rslora)
+        factors[m] = (torch.cat([a, a0], dim=0), torch.cat([b * (c * k), b0 * ((1.0 - c) * k)], dim=1))
+    return dataclasses.replace(update, factors=factors)
 
 
 def check_previous(previous: Any) -> None:

@@ -43,13 +43,16 @@ class FedAvg(Aggregator):
     ----------
     check_finite : bool, default True
         Reject updates holding NaN or Inf, or too large for float32 (``MAX_UPDATE_NORM``).
+    clip_norm : float or None, default None
+        Bound on each client's contribution, over all modules together (:mod:`flexlora.core.clipping`).
+        For factor averaging it bounds the factor change ``(A - A0, B - B0)``.
     """
 
     name = "fedavg"
     averages_factors = True
 
-    def __init__(self, *, check_finite: bool = True) -> None:
-        super().__init__(check_finite=check_finite)
+    def __init__(self, *, check_finite: bool = True, clip_norm: float | None = None) -> None:
+        super().__init__(check_finite=check_finite, clip_norm=clip_norm)
 
     def begin_round(
         self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None

@@ -97,6 +97,10 @@ class FlexLoRA(Aggregator):
         Streaming aggregation (:meth:`begin_round`): the width of a module's running stack of
         factors that triggers its exact compression (:class:`~flexlora.core.lowrank.LowRankSum`);
         None is ``min(out, in)``, past which the running sum is kept dense.
+    clip_norm : float or None, default None
+        Bound on each client's contribution ``s_k B_k A_k - T_{r_k}(G)`` (its change from what it
+        was sent), over all modules together (:mod:`flexlora.core.clipping`); a contribution over it
+        is scaled down to it, exactly: the fold takes ``T + c D_k`` as two low-rank terms.
     batch_modules : bool or None, default None
         Run the thin-QR SVDs of modules of one shape as one batched call
         (:func:`flexlora.core.lowrank.svd_of_products`). None batches on CUDA only, where one call
@@ -122,8 +126,9 @@ class FlexLoRA(Aggregator):
         remedy: str = "none",
         stream_bound: int | None = None,
         batch_modules: bool | None = None,
+        clip_norm: float | None = None,
     ) -> None:
-        super().__init__(split=split, check_finite=check_finite, seed=seed)
+        super().__init__(split=split, check_finite=check_finite, seed=seed, clip_norm=clip_norm)
         if remedy not in REMEDIES:
             raise AggregationError(
                 f"remedy must be one of {', '.join(repr(r) for r in REMEDIES)}, got {remedy!r} "
@@ -205,6 +210,7 @@ class _FlexLoRAAccumulator(RoundAccumulator):
     divided by the examples at :meth:`finish` (``p_k = n_k / N`` needs the round's total)."""
 
     aggregator: FlexLoRA
+    folds_clipped_products = True
 
     def __init__(self, aggregator: FlexLoRA, previous: GlobalState | None,
                  ranks: Sequence[Mapping[str, int]] | None) -> None:
@@ -244,6 +250,7 @@ class _FlexLoRAAccumulator(RoundAccumulator):
                 self.held[m] = [0] * len(self.partitions[m])
                 self.ranks[m] = []
         n = int(update.num_examples)
+        c, sent = self._clip
         for m, parts in self.partitions.items():
             a, b = update.factors[m]
             r = int(a.shape[0])
@@ -252,13 +259,22 @@ class _FlexLoRAAccumulator(RoundAccumulator):
             # B is scaled into a new tensor; A is held as given unless add() was asked to copy.
             bs = b.to(device=lsum[0].device or b.device, dtype=lsum[0].dtype) * coef
             a = a.to(device=bs.device, dtype=lsum[0].dtype, copy=self._copy)
+            pieces = [(bs, a)]
+            if c < 1.0:
+                # A clipped contribution: T + c (s B A - T) = c s B A + (1 - c) s B0 A0, with T what
+                # the client was sent (rank r, its columns aligned with B's, so the rank bands hold).
+                pieces = [(bs * c, a)]
+                if sent is not None and m in sent:
+                    a0, b0 = sent[m]
+                    pieces.append((b0.to(bs) * (coef * (1.0 - c)), a0.to(a)))
             # One partition [0, min(out, in)) without rank partitioning; with it, r is a boundary,
             # so every partition starting below r ends at or below it.
             for j, (lo, hi) in enumerate(parts):
                 if lo >= r:
                     break
                 top = min(hi, r)
-                lsum[j].add(bs[:, lo:top], a[lo:top], copy=False)
+                for pb, pa in pieces:
+                    lsum[j].add(pb[:, lo:top], pa[lo:top], copy=False)
                 self.held[m][j] += n
             self.ranks[m].append((r, n))
 

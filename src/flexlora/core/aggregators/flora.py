@@ -50,12 +50,17 @@ class FLoRA(Aggregator):
         Reject updates holding NaN or Inf, or too large for float32 (``MAX_UPDATE_NORM``).
     seed : int, default 0
         Seeds the padding directions of :meth:`distribute` beyond the global rank.
+    clip_norm : float or None, default None
+        Bound on each client's contribution, over all modules together (:mod:`flexlora.core.clipping`).
+        FLoRA's clients start from a fresh adapter every round, so the contribution is the
+        whole product ``s_k B_k A_k``.
     """
 
     name = "flora"
 
-    def __init__(self, *, accumulate: bool = True, check_finite: bool = True, seed: int = 0) -> None:
-        super().__init__(check_finite=check_finite, seed=seed)
+    def __init__(self, *, accumulate: bool = True, check_finite: bool = True, seed: int = 0,
+                 clip_norm: float | None = None) -> None:
+        super().__init__(check_finite=check_finite, seed=seed, clip_norm=clip_norm)
         if not isinstance(accumulate, bool):
             raise AggregationError(f"accumulate must be True or False, got {accumulate!r}")
         self.accumulate = accumulate
@@ -69,6 +74,11 @@ class FLoRA(Aggregator):
         itself, so its size still grows with the clients until it reaches ``min(out, in)``
         (see :meth:`Aggregator.begin_round`)."""
         return _FLoRAAccumulator(self, previous)
+
+    def sent_factors(self, previous: GlobalState | None, update: ClientUpdate) -> dict[str, Factors] | None:
+        """None: FLoRA's clients start every round from a fresh adapter (the global is merged into
+        their base), so each contribution is the client's whole product."""
+        return None
 
     def stacked(self, state: GlobalState, alpha: float = 16.0, *, rslora: bool = False) -> dict[str, Factors]:
         """The exact global update as LoRA factors of rank ``R`` (the stack's size) per module.

@@ -56,13 +56,17 @@ class HetLoRA(Aggregator):
         Reject updates holding NaN or Inf, or too large for float32 (``MAX_UPDATE_NORM``).
     seed : int, default 0
         Seeds the directions used when a client asks for more rank than the global holds.
+    clip_norm : float or None, default None
+        Bound on each client's contribution, over all modules together (:mod:`flexlora.core.clipping`).
+        For factor averaging it bounds the factor change ``(A - A0, B - B0)``.
     """
 
     name = "hetlora"
     averages_factors = True
 
-    def __init__(self, *, weighting: str = "norm", check_finite: bool = True, seed: int = 0) -> None:
-        super().__init__(check_finite=check_finite, seed=seed)
+    def __init__(self, *, weighting: str = "norm", check_finite: bool = True, seed: int = 0,
+                 clip_norm: float | None = None) -> None:
+        super().__init__(check_finite=check_finite, seed=seed, clip_norm=clip_norm)
         if weighting not in _WEIGHTINGS:
             raise AggregationError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
         self.weighting = weighting
