@@ -11,7 +11,11 @@ A node's faults come from its node config, ``fault = "<kind>@<round>"``:
 - ``sleep@R:S``: sleep S seconds first (a node slower than the round timeout);
 - ``nan@R``, ``shape@R``, ``rank@R``: corrupt the first module's factors of its reply (a NaN, an
   A with one input column too many, one rank too few);
-- ``count@R``: claim ten times its examples (ten times its aggregation weight).
+- ``count@R``: claim ten times its examples (ten times its aggregation weight);
+- ``scale@R:F``: multiply every module's ``B`` of its reply by ``F`` (``F`` times its update's
+  product: ``scale@*:-1000`` poisons every round).
+
+``R`` is a round number, or ``*`` for every round.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ SEAM_DIR = Path(__file__).resolve().parent
 def _fault_at(node_config: Mapping[str, Any], rnd: int) -> str:
     spec = str(node_config.get("fault", ""))
     kind, _, at = spec.partition("@")
-    return kind if at and int(at.split(":")[0]) == rnd else ""
+    when = at.split(":")[0]
+    return kind if at and (when == "*" or int(when) == rnd) else ""
 
 
 def _before(node_config: Mapping[str, Any], task: Any) -> None:
@@ -62,7 +67,22 @@ def _after(node_config: Mapping[str, Any], task: Any, reply: Any) -> Any:
         return dataclasses.replace(reply, tensors=tensors)
     if kind == "count":
         return dataclasses.replace(reply, num_examples=reply.num_examples * 10)
+    if kind == "scale":
+        return scaled_reply(reply, float(str(node_config["fault"]).split(":")[1]))
     return None
+
+
+def scaled_reply(reply: Any, factor: float) -> Any:
+    """``reply`` with every module's ``B`` multiplied by ``factor`` (its product scaled by it)."""
+    tensors = {k: (v * factor if k.endswith("::B") else v) for k, v in reply.tensors.items()}
+    return dataclasses.replace(reply, tensors=tensors)
+
+
+def install_local_poison(client: int, factor: float) -> None:
+    """The in-process engine's client ``client`` replies ``factor`` times its update in every round."""
+    def hook(task: Any, reply: Any) -> Any:
+        return scaled_reply(reply, factor) if task.client == client else None
+    faults.set_hook("local.after_train", hook)
 
 
 def install_node_faults() -> None:

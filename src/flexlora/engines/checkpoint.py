@@ -19,6 +19,7 @@ import torch
 
 from flexlora._atomic import atomic_open, atomic_write_text
 from flexlora.data import JSONL_FIELD_DEFAULTS
+from flexlora.methods.privacy import PrivacyOptions
 
 __all__ = ["CheckpointError", "atomic_open", "atomic_write_text", "config_fingerprint", "load_checkpoint",
            "run_fingerprint", "run_lock", "save_checkpoint"]
@@ -80,7 +81,10 @@ _LATER_KEYS: dict[tuple[str, str], Any] = {
     ("eval", "data"): "",
     ("eval", "stem"): False,
     **{("eval", k): v for k, v in JSONL_FIELD_DEFAULTS.items()},
+    **{("privacy", f.name): f.default for f in dataclasses.fields(PrivacyOptions)},
 }
+# Sections added later: left out of the fingerprint when every key of theirs is at its default.
+_LATER_SECTIONS = ("privacy",)
 
 
 def run_fingerprint(cfg: Any) -> str:
@@ -103,6 +107,9 @@ def run_fingerprint(cfg: Any) -> str:
     for (section, key), default in _LATER_KEYS.items():
         if section in d and key in d[section] and d[section][key] == default:
             d[section] = {k: v for k, v in d[section].items() if k != key}
+    for section in _LATER_SECTIONS:
+        if d.get(section) == {}:
+            del d[section]
     return config_fingerprint(d, ignore=("rounds", "flower"))
 
 

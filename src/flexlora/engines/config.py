@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexlora.methods.privacy import PrivacyOptions
 from flexlora.settings import ConfigError, check_types, field_default, non_defaults, setting
 
 __all__ = ["ConfigError", "RunConfig", "describe", "from_dict", "load_config", "parse_override", "to_toml",
@@ -172,6 +173,8 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
     export: ExportSection = field(default_factory=ExportSection, metadata={"help": "Exports."})
     flower: FlowerSection = field(default_factory=FlowerSection, metadata={"help": "Flower engine."})
+    privacy: PrivacyOptions = field(default_factory=PrivacyOptions,
+                                    metadata={"help": "Bounds on each client's contribution."})
     method_options: dict = field(default_factory=dict, metadata={
         "help": "The method's settings sections ({section name: options}); in a file, the section of the "
                 "method's name ([flexlora], [hetlora], [slora], ...).", "sections": True})
@@ -297,6 +300,11 @@ def validate(cfg: RunConfig) -> None:
             _fail(key, "must be >= 1")
     if cfg.export.rank < 0:
         _fail("export.rank", "must be >= 0 (0 = the largest client rank)")
+    cfg.privacy.check()
+    refusal = method.unbounded_contributions(own) if cfg.privacy.enabled else None
+    if refusal:
+        _fail("privacy.clip_norm", f"aggregator {cfg.aggregator!r} cannot bound its clients' contributions: "
+              f"{refusal}; leave privacy.clip_norm at 0, or use flexlora, fedit, hetlora or flora")
 
 
 def _check_types(cfg: RunConfig, prefix: str) -> None:

@@ -8,6 +8,9 @@ hooks its plan names (``tests/seam/sitecustomize.py``).
 
 Points and their keyword arguments:
 
+``local.after_train`` (``task``, ``reply``)
+    The in-process engine trained a task's client; a hook may return a replacement
+    :class:`~flexlora.methods.ClientReply` (a poisoned one).
 ``local.client_done`` (``rnd``, ``done``)
     The in-process engine trained the ``done``-th client of round ``rnd`` (before the round's
     checkpoint).
@@ -25,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-POINTS = ("local.client_done", "server.replies_in", "node.before_train", "node.after_train")
+POINTS = ("local.after_train", "local.client_done", "server.replies_in", "node.before_train", "node.after_train")
 
 _HOOKS: dict[str, Callable[..., Any]] = {}
 

@@ -161,7 +161,7 @@ class Federation:
         self.method: Method = build_method(cfg.aggregator, cfg.method_options, RunInfo(
             shapes=self.shapes, groups=self.groups, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora, seed=cfg.seed,
             init=cfg.lora.init, dtype=cfg.dtype, num_clients=self.num_clients, used_ranks=self.used_ranks,
-            ranks_of=lambda k: self.type_ranks[self.client_type[k]], log=self.log))
+            ranks_of=lambda k: self.type_ranks[self.client_type[k]], log=self.log, privacy=cfg.privacy))
         self.method.check_types()
         if not self.read_only:
             for note in self.method.notes():

@@ -42,6 +42,7 @@ class LocalEngine:
                     bar.update(1)
 
                 reply = fed.train_client(task, on_step)
+                reply = faults.fire("local.after_train", task=task, reply=reply) or reply
                 outcome = ClientOutcome(task, reply, bytes_up=tensor_bytes(reply.tensors),
                                         bytes_down=tensor_bytes(task.tensors))
                 del reply

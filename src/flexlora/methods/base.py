@@ -111,6 +111,8 @@ class RunInfo:
     ranks_of : callable k -> ranks
         Client ``k``'s type ranks.
     log : callable
+    privacy : PrivacyOptions or None
+        The run's ``[privacy]`` section (bounds on each client's contribution).
     """
 
     shapes: dict[str, tuple[int, int]]
@@ -124,6 +126,7 @@ class RunInfo:
     used_ranks: Callable[[], list[dict[str, int]]]
     ranks_of: Callable[[int], dict[str, int]]
     log: Callable[[str], None] = print
+    privacy: Any = None
 
     @property
     def max_rank(self) -> int:
@@ -176,6 +179,11 @@ class Method(ABC):
     def create(cls, options: Mapping[str, Any], run: RunInfo) -> Method:
         """Build the method from its options sections (``{section name: options}``)."""
         return cls(options[cls.name], run)
+
+    @classmethod
+    def unbounded_contributions(cls, options: Any) -> str | None:
+        """Why this method cannot bound its clients' contributions (``[privacy]``), or None when it can."""
+        return "its clients' replies are not LoRA factors that the core aggregators bound"
 
     @classmethod
     def homogeneous(cls, options: Any) -> bool:

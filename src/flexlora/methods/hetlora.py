@@ -110,9 +110,10 @@ class HetLoRA(LoRAMethod):
         return {"pruned": pruned_now} if pruned_now else {}
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"pruned_ranks": {str(k): dict(v) for k, v in sorted(self.pruned.items())}}
+        return {**super().checkpoint(), "pruned_ranks": {str(k): dict(v) for k, v in sorted(self.pruned.items())}}
 
     def restore(self, ckpt: Mapping[str, Any], where: str) -> None:
+        super().restore(ckpt, where)
         self.pruned = {int(k): {str(m): int(r) for m, r in v.items()} for k, v in ckpt.get("pruned_ranks", {}).items()}
         for k, ranks in self.pruned.items():
             if not 0 <= k < self.run.num_clients or set(ranks) != set(self.run.shapes) \

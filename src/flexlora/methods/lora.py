@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from flexlora.core.aggregators import Aggregator
+from flexlora.core.initial import fresh_factors
 from flexlora.core.lowrank import stable_seed
 from flexlora.core.types import AggregationError, ClientUpdate, Factors, validate_round
 from flexlora.methods.base import (
@@ -26,6 +27,7 @@ from flexlora.methods.base import (
     pack_factors,
     unpack_factors,
 )
+from flexlora.methods.privacy import ContributionBound
 from flexlora.settings import ConfigError
 from flexlora.training.client import ClientSpec, ClientTask, merged_into_base, train_client
 
@@ -46,6 +48,12 @@ class LoRAMethod(Method):
         super().__init__(options, run)
         self._aggregator: Aggregator | None = None
         self._aggregator_kwargs: dict[str, Any] | None = None
+        # The run's bound on each client's contribution ([privacy]); the aggregator applies it.
+        self.bound = ContributionBound(run.privacy)
+
+    @classmethod
+    def unbounded_contributions(cls, options: Any) -> str | None:
+        return None
 
     # ------------------------------------------------------------ aggregator
     def aggregator_kwargs(self) -> dict[str, Any]:
@@ -192,6 +200,24 @@ class LoRAMethod(Method):
         """Apply the round's decisions; returns entries of the round's record."""
         return {}
 
+    def sent_factors(self, task: ClientTask) -> dict[str, Factors] | None:
+        """The factors the task's client started from, the reference its contribution is measured
+        from: the global adapter it was sent; for a fresh start, the round's shared adapter for
+        factor averaging (its ``A`` counts), nothing for products (its product is zero)."""
+        init = unpack_factors(task.tensors, "init/")
+        if init:
+            return init
+        seed = task.meta.get("init_seed")
+        if seed is not None and self.averages_factors:
+            return fresh_factors(self.run.shapes, task.spec.ranks, int(seed))
+        return None
+
+    def checkpoint(self) -> dict[str, Any]:
+        return self.bound.checkpoint()
+
+    def restore(self, ckpt: Mapping[str, Any], where: str) -> None:
+        self.bound.restore(ckpt)
+
     # ---------------------------------------------------------- global model
     def global_factors(self, ranks: Mapping[str, int]) -> dict[str, Factors]:
         assert self.state is not None
@@ -206,7 +232,9 @@ class LoRAFold(MethodFold):
         self.method = method
         self.rnd = rnd
         self._position = {id(t): i for i, t in enumerate(tasks)}
+        self._tasks = list(tasks)
         self.acc = method.aggregator.begin_round(method.state, ranks=[t.spec.ranks for t in tasks])
+        self.acc.clip_norm = method.bound.current()
         self.decisions: dict[int, tuple[ClientTask, Any]] = {}
 
     def add(self, task: ClientTask, update: ClientUpdate) -> None:
@@ -214,7 +242,8 @@ class LoRAFold(MethodFold):
         # checks across the round's clients run here. No copy: the orchestration releases the update
         # right after and never touches it again.
         shapes = self.method.run.shapes
-        self.acc.add_checked(update, {m: shapes[m] for m in update.factors}, copy=False)
+        sent = self.method.sent_factors(task) if self.acc.clip_norm is not None else None
+        self.acc.add_checked(update, {m: shapes[m] for m in update.factors}, copy=False, sent=sent)
         decision = self.method.decide(task, update)
         if decision is not None:
             self.decisions[task.client] = (task, decision)
@@ -225,4 +254,7 @@ class LoRAFold(MethodFold):
         self.method.state = state
         # In the tasks' order, whatever order the replies came in.
         ordered = dict(sorted(self.decisions.items(), key=lambda kv: self._position.get(id(kv[1][0]), 0)))
-        return self.method.apply_decisions(self.rnd, ordered)
+        # The clip records in the tasks' order too, so the metrics do not depend on arrival order.
+        position = {t.spec.client_id: i for i, t in enumerate(self._tasks)}
+        log = sorted(self.acc.clip_log, key=lambda r: position.get(r.client, len(position)))
+        return {**self.method.apply_decisions(self.rnd, ordered), **self.method.bound.after_round(log)}

@@ -78,6 +78,12 @@ class SLoRA(Method):
         return cls(own, run, stage2.create(options, run))  # type: ignore[arg-type]
 
     @classmethod
+    def unbounded_contributions(cls, options: Any) -> str | None:
+        if options.stage1_rounds > 0:
+            return "its stage-1 sparse changes are not bounded yet (set slora.stage1_rounds = 0 to bound stage 2 alone)"
+        return None
+
+    @classmethod
     def homogeneous(cls, options: Any) -> bool:
         return options.then == "fedit"
 
@@ -203,9 +209,10 @@ class SLoRA(Method):
             self.state = self._stage2_state(rnd)
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"slora_change": dict(self.change) if self.change is not None else None}
+        return {**self.stage2.checkpoint(), "slora_change": dict(self.change) if self.change is not None else None}
 
     def restore(self, ckpt: Mapping[str, Any], where: str) -> None:
+        self.stage2.restore(ckpt, where)
         change = ckpt.get("slora_change")
         self.change = {str(m): v for m, v in change.items()} if change is not None else None
         if self.change is not None:

@@ -141,6 +141,35 @@ def test_slora_deployment_matches_the_in_process_engine(tmp_path: Path) -> None:
     assert [r.get("slora_stage") for r in _metrics(out) if r["round"] > 0] == [1, 2]
 
 
+def test_a_poisoning_node_is_bounded_as_in_process(tmp_path: Path) -> None:
+    """One SuperNode replies -1000x its update in every round (the test seam's ``scale`` fault);
+    with privacy.clip_norm the deployment's global equals the in-process run under the same
+    poisoning, and the poisoner is recorded as clipped."""
+    import faults_plan as plan
+
+    from flexlora.engines import faults as seam
+
+    sets = [*TINY, "rounds=2", "privacy.clip_norm=0.05", "eval.every=0", "eval.baseline=false",
+            "eval.per_type=false"]
+    seam.clear_hooks()
+    plan.install_local_poison(0, -1000.0)
+    try:
+        local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
+        local.run()
+    finally:
+        seam.clear_hooks()
+    out = tmp_path / "deployed"
+    nodes = [f"partition-id={i}" + (" fault='scale@*:-1000'" if i == 0 else "") for i in range(4)]
+    res = _deploy(out, nodes, _quoted(sets), "node-faults", port=19890)
+    assert res.returncode == 0, res.stdout[-4000:]
+    a, b = _adapter(local.run_dir), _adapter(out)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    mine, theirs = deterministic_view(_metrics(local.run_dir)), deterministic_view(_metrics(out))
+    assert mine == theirs
+    assert all(r["clip"]["client00000"]["clipped"] for r in _metrics(out) if "client00000" in r.get("clip", {}))
+    assert any("client00000" in r.get("clip", {}) for r in _metrics(out))
+
+
 def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
     """Over Flower's TLS (a CA and server certificate made for this test) with SuperNode
     authentication on: the registered node trains, the unregistered one is refused, and a
