@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from flexlora.core.lowrank import stable_seed
 from flexlora.core.types import AggregationError, Factors
 
 
@@ -184,3 +185,42 @@ class AdaptiveClipNorm:
         except (KeyError, TypeError, ValueError) as exc:
             raise AggregationError(f"malformed adaptive clipping state: {exc!r}") from exc
         self.bound = check_clip_norm(bound) or self.bound
+
+
+@dataclass(frozen=True)
+class GaussianSumNoise:
+    """Client-level differential privacy for one round (DP-FedAvg, McMahan et al., ICLR 2018).
+
+    While it is set on a round (:attr:`flexlora.core.aggregators.RoundAccumulator.noise`), every
+    client's clipped contribution weighs the same (data-size weights would leak each ``n_k`` and
+    break the sensitivity bound), each module's sum gets Gaussian noise of std ``std`` (``z C``) on
+    every entry, and the sum is divided by ``clients``, the round's fixed number of sampled
+    clients (not the number that replied). The noise is dense, so the noisy sum is formed one
+    module at a time; what follows (the SVD that redistributes it) is post-processing.
+
+    Attributes
+    ----------
+    std : float
+        The noise std on the sum, ``noise_multiplier * clip_norm``.
+    clients : int
+        The denominator: the clients sampled for the round.
+    seed : int
+        Seeds the noise of each module (``stable_seed(seed, module)``); draw it from a secret
+        source (:mod:`secrets`) for a real guarantee.
+    """
+
+    std: float
+    clients: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.std, bool) or not isinstance(self.std, int | float) or not 0 <= self.std < math.inf:
+            raise AggregationError(f"the noise std must be a non-negative finite number, got {self.std!r}")
+        if isinstance(self.clients, bool) or not isinstance(self.clients, int) or self.clients < 1:
+            raise AggregationError(f"the noise's number of clients must be a positive int, got {self.clients!r}")
+
+    def sample(self, module: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None,
+               part: str = "") -> torch.Tensor:
+        """The noise of ``module`` (``part`` tells apart the tensors of one module, such as A and B)."""
+        gen = torch.Generator(device=device or "cpu").manual_seed(stable_seed("dp-noise", self.seed, module, part))
+        return torch.randn(shape, generator=gen, dtype=dtype, device=device) * self.std

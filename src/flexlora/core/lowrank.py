@@ -544,14 +544,33 @@ def randomized_svd_of_product(
         Source of the Gaussian test matrix (explicit, for reproducibility).
     """
     out_f, in_f = B.shape[0], A.shape[1]
+    return _randomized(lambda x: B @ (A @ x), lambda y: A.T @ (B.T @ y), lambda q: (q.T @ B) @ A, out_f, in_f,
+                       rank, B.dtype, B.device, oversample, power_iters, generator)
+
+
+def randomized_svd_of_dense(
+    M: torch.Tensor, rank: int, *, oversample: int = 10, power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> LowRankSVD:
+    """Approximate top-``rank`` SVD of a dense ``out x in`` matrix (the method and error bound of
+    :func:`randomized_svd_of_product`); ``O(out * in * (rank + oversample))`` against the
+    ``O(out * in * min(out, in))`` of :func:`svd_of_dense`."""
+    M = M.to(compute_dtype(M.dtype, M.device))
+    return _randomized(lambda x: M @ x, lambda y: M.T @ y, lambda q: q.T @ M, M.shape[0], M.shape[1], rank,
+                       M.dtype, M.device, oversample, power_iters, generator)
+
+
+def _randomized(apply, apply_t, project, out_f: int, in_f: int, rank: int, dtype: torch.dtype,
+                device: torch.device, oversample: int, power_iters: int,
+                generator: torch.Generator | None) -> LowRankSVD:
+    # apply: x -> M x; apply_t: y -> M^T y; project: q -> q^T M (the ell x in sketch).
     ell = min(rank + oversample, out_f, in_f)
-    omega = torch.randn(in_f, ell, dtype=B.dtype, device=B.device, generator=generator)
-    y = B @ (A @ omega)
-    q, _ = torch.linalg.qr(y)
+    omega = torch.randn(in_f, ell, dtype=dtype, device=device, generator=generator)
+    q, _ = torch.linalg.qr(apply(omega))
     for _ in range(power_iters):
-        z, _ = torch.linalg.qr(A.T @ (B.T @ q))
-        q, _ = torch.linalg.qr(B @ (A @ z))
-    small = (q.T @ B) @ A  # ell x in
+        z, _ = torch.linalg.qr(apply_t(q))
+        q, _ = torch.linalg.qr(apply(z))
+    small = project(q)  # ell x in
     ub, s, vh = torch.linalg.svd(small, full_matrices=False)
     U = q @ ub
     k = min(rank, s.shape[0])

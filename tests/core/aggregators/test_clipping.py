@@ -227,3 +227,106 @@ def test_adaptive_bound_moves_geometrically_and_tracks_the_quantile() -> None:
     assert again.bound == ad.bound
     with pytest.raises(AggregationError, match="quantile"):
         AdaptiveClipNorm(1.0, quantile=1.5)
+
+
+# ------------------------------------------------------------------ client-level DP noise
+def _zero_signal(name: str, m: int, shape=(120, 160), rank=4) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(8)
+    o, i = shape
+    # B = 0 (a fresh adapter): zero product; for factor averaging A = 0 too (zero factors).
+    a = (lambda: torch.zeros(rank, i)) if name == "fedavg" else (lambda: torch.randn(rank, i, generator=gen))
+    return [ClientUpdate(factors={"w": (a(), torch.zeros(o, rank))}, num_examples=5 + k, alpha=16.0,
+                         client_id=f"c{k}") for k in range(m)]
+
+
+@pytest.mark.parametrize("name", ["flexlora", "fedavg", "flora"])
+def test_noise_std_on_a_zero_signal_round(name: str) -> None:
+    """Every client sends nothing: the global is the noise alone, N(0, (z C)^2) per entry of the
+    sum divided by the round's clients, so its entries' std is z C / m."""
+    from flexlora.core.clipping import GaussianSumNoise
+
+    m, C, z = 4, 0.5, 1.3
+    agg = get_aggregator(name, clip_norm=C)
+    acc = agg.begin_round(None)
+    acc.noise = GaussianSumNoise(std=z * C, clients=m, seed=11)
+    for u in _zero_signal(name, m - 1):  # one sampled client dropped: the denominator stays m
+        acc.add(u)
+    state = acc.finish()
+    if name == "fedavg":
+        st = state.modules["w"]
+        samples = torch.cat([st.A.flatten(), st.B.flatten()])
+    else:
+        samples = state.dense("w").flatten()
+    want = z * C / m
+    # 19,200 (or more) entries: the sample std is within 3 % of the true one with overwhelming probability.
+    assert float(samples.std()) == pytest.approx(want, rel=0.03)
+    assert abs(float(samples.mean())) < 0.05 * want
+
+
+def test_noise_weights_every_client_the_same_and_divides_by_the_sampled_clients() -> None:
+    """With zero noise the DP round is (1/m) sum_k clipped contribution, whatever each n_k."""
+    from flexlora.core.clipping import GaussianSumNoise
+
+    gen = torch.Generator().manual_seed(9)
+    updates = _round(gen, [2, 4, 4])
+    bound = 5.0
+    acc = get_aggregator("flexlora", clip_norm=bound).begin_round(None)
+    acc.noise = GaussianSumNoise(std=0.0, clients=5, seed=0)
+    for u in updates:
+        acc.add(u)
+    got = acc.finish()
+    for mod in SHAPES:
+        want = torch.zeros(SHAPES[mod], dtype=torch.float64)
+        for u in updates:
+            s = {x: 16.0 / u.rank(x) for x in SHAPES}
+            c = min(1.0, bound / product_change_norm(u.factors, s, None))
+            want += c * s[mod] * (u.factors[mod][1] @ u.factors[mod][0]) / 5
+        assert torch.allclose(got.dense(mod), want, atol=1e-9), mod
+
+
+def test_noise_is_refused_where_it_would_not_be_private() -> None:
+    from flexlora.core.clipping import GaussianSumNoise
+
+    gen = torch.Generator().manual_seed(10)
+    u = _round(gen, [4])[0]
+    noise = GaussianSumNoise(std=1.0, clients=1, seed=0)
+    for name, kwargs, match in (("hetlora", {"clip_norm": 1.0}, "hetlora cannot add"),
+                                ("flexlora", {}, "needs a clip_norm"),
+                                ("flexlora", {"clip_norm": 1.0, "remedy": "rank-partitioned"}, "rank band")):
+        acc = get_aggregator(name, **kwargs).begin_round(None, ranks=[{m: 4 for m in SHAPES}])
+        acc.noise = noise
+        with pytest.raises(AggregationError, match=match):
+            acc.add(u)
+    acc = get_aggregator("flexlora", clip_norm=1.0).begin_round(None)
+    acc.noise = noise
+    acc.add(u)
+    other = _round(gen, [4])[0]
+    with pytest.raises(AggregationError, match="more updates"):
+        acc.add(ClientUpdate(factors=other.factors, num_examples=3, alpha=16.0, client_id="another"))
+    with pytest.raises(AggregationError, match="noise std"):
+        GaussianSumNoise(std=-1.0, clients=1, seed=0)
+
+
+def test_noise_is_reproducible_from_its_seed_and_randomized_svd_keeps_the_signal() -> None:
+    from flexlora.core.clipping import GaussianSumNoise
+
+    gen = torch.Generator().manual_seed(12)
+    updates = [_update({"w": (torch.randn(3, 300, generator=gen), torch.randn(200, 3, generator=gen))}, 1, f"c{k}")
+               for k in range(3)]
+    for u in updates:  # one shared signal direction so the signal dominates the noise
+        u.factors["w"] = (updates[0].factors["w"][0], updates[0].factors["w"][1])
+
+    def run(seed: int, **kw):
+        acc = get_aggregator("flexlora", clip_norm=1e6, **kw).begin_round(None)
+        acc.noise = GaussianSumNoise(std=0.01, clients=3, seed=seed)
+        for u in updates:
+            acc.add(u)
+        return acc.finish()
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.dense("w"), b.dense("w")) and not torch.equal(a.dense("w"), c.dense("w"))
+    fast = run(1, max_rank=3, svd_method="randomized")
+    exact3 = get_aggregator("flexlora").distribute(a, 3, 16.0)["w"]
+    approx3 = get_aggregator("flexlora").distribute(fast, 3, 16.0)["w"]
+    d_exact, d_fast = exact3[1] @ exact3[0], approx3[1] @ approx3[0]
+    assert float((d_exact - d_fast).norm() / d_exact.norm()) < 1e-3

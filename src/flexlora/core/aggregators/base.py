@@ -14,6 +14,7 @@ import torch
 
 from flexlora.core.clipping import (
     ClipRecord,
+    GaussianSumNoise,
     check_clip_norm,
     clip_factor,
     clip_factors_towards,
@@ -326,7 +327,13 @@ class RoundAccumulator(ABC):
     With a bound ``clip_norm`` (the aggregator's, or set on the accumulator before the first add),
     each update's contribution is brought within it before it is folded
     (:mod:`flexlora.core.clipping`); :attr:`clip_log` keeps one :class:`ClipRecord` per update.
+    With :attr:`noise` (a :class:`~flexlora.core.clipping.GaussianSumNoise`, set before the first
+    add, together with ``clip_norm``) the round is client-level differentially private: uniform
+    weights, Gaussian noise on each module's sum, a fixed denominator.
     """
+
+    #: True for an accumulator that adds :attr:`noise` to its sums (the others refuse it).
+    supports_noise: bool = False
 
     #: True for an accumulator of products that folds a clipped contribution itself (from
     #: ``self._clip``); otherwise :meth:`_take` hands ``_fold`` an equivalent clipped update.
@@ -345,6 +352,7 @@ class RoundAccumulator(ABC):
         self._copy = True
         self.clip_norm: float | None = aggregator.clip_norm
         self.clip_log: list[ClipRecord] = []
+        self.noise: GaussianSumNoise | None = None
         # Set by _take for an accumulator that folds clipped products: (scale c, factors sent).
         self._clip: tuple[float, Mapping[str, Factors] | None] = (1.0, None)
 
@@ -426,9 +434,15 @@ class RoundAccumulator(ABC):
         self._copy = copy
         record, given = None, update
         try:
+            if self.noise is not None:
+                self._check_noise()
             with torch.no_grad():  # a caller's factors that require grad leave no graph in the state
                 if self.clip_norm is not None:
                     update, record = self._clipped(update, label, sent)
+                if self.noise is not None:
+                    # Uniform weights under DP: every client counts one (n_k would leak, and weigh
+                    # one client above the sensitivity bound).
+                    update = dataclasses.replace(update, num_examples=1)
                 self._fold(update, label)
         except BaseException:
             if first:
@@ -441,6 +455,25 @@ class RoundAccumulator(ABC):
         self._register.record(given, self.count)
         self.count += 1
         self.total_examples += int(update.num_examples)
+
+    def _check_noise(self) -> None:
+        name = self.aggregator.name
+        if not isinstance(self.noise, GaussianSumNoise):
+            raise AggregationError(f"noise must be a GaussianSumNoise, got {type(self.noise).__name__}")
+        if not self.supports_noise:
+            raise AggregationError(f"{name} cannot add differential-privacy noise to its round (its weights or its "
+                                   "fold do not have the bounded sensitivity DP needs); use flexlora, fedavg or flora")
+        if self.clip_norm is None:
+            raise AggregationError("noise needs a clip_norm: without a bound on each contribution the noise "
+                                   "protects nothing")
+        if self.count >= self.noise.clients:
+            raise AggregationError(f"more updates ({self.count + 1}) than the noise's {self.noise.clients} clients: "
+                                   "the denominator must be the round's number of sampled clients")
+
+    def _denominator(self, total: float) -> float:
+        """What a sum of ``total`` example weights is divided by: the fixed number of sampled
+        clients under DP noise, else ``total``."""
+        return float(self.noise.clients) if self.noise is not None else total
 
     def _clipped(self, update: ClientUpdate, label: str,
                  sent: Mapping[str, Factors] | None) -> tuple[ClientUpdate, ClipRecord]:

@@ -87,6 +87,7 @@ class FedAvg(Aggregator):
 
 
 class _FedAvgAccumulator(RoundAccumulator):
+    supports_noise = True
     def __init__(self, aggregator: FedAvg, previous: GlobalState | None) -> None:
         super().__init__(aggregator, previous)
         self.first: ClientUpdate | None = None
@@ -124,10 +125,15 @@ class _FedAvgAccumulator(RoundAccumulator):
 
     def _finish(self) -> GlobalState:
         assert self.first is not None and self.shapes is not None
-        first, total = self.first, float(self.total_examples)
+        first, total = self.first, self._denominator(float(self.total_examples))
         modules = {}
         for name, shape in self.shapes.items():
             sa, sb = self.sums.pop(name)
+            if self.noise is not None:
+                # The factors themselves are what is released: noise on both sums (the clipped
+                # vector is every module's A and B together).
+                sa = sa + self.noise.sample(name, tuple(sa.shape), sa.dtype, sa.device, "A")
+                sb = sb + self.noise.sample(name, tuple(sb.shape), sb.dtype, sb.device, "B")
             scale = lora_scaling(first.alpha, first.rank(name), first.rslora)
             modules[name] = ModuleState(shape=shape, A=sa / total, B=sb / total, scale=scale)
         extra: dict = {"alpha": float(first.alpha), "rslora": True} if first.rslora else {"alpha": float(first.alpha)}

@@ -44,7 +44,15 @@ from flexlora.core.aggregators.base import (
     ModuleState,
     RoundAccumulator,
 )
-from flexlora.core.lowrank import LowRankSum, LowRankSVD, batches_well, svd_of_dense, svd_of_product, svd_of_products
+from flexlora.core.lowrank import (
+    LowRankSum,
+    LowRankSVD,
+    batches_well,
+    randomized_svd_of_dense,
+    svd_of_dense,
+    svd_of_product,
+    svd_of_products,
+)
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
@@ -211,6 +219,7 @@ class _FlexLoRAAccumulator(RoundAccumulator):
 
     aggregator: FlexLoRA
     folds_clipped_products = True
+    supports_noise = True
 
     def __init__(self, aggregator: FlexLoRA, previous: GlobalState | None,
                  ranks: Sequence[Mapping[str, int]] | None) -> None:
@@ -232,6 +241,10 @@ class _FlexLoRAAccumulator(RoundAccumulator):
         assert self.shapes is not None
         # Checked before anything is set up, so that a refused first update leaves the round empty.
         partitions = self.partitions or {m: self._partitions(m, shape) for m, shape in self.shapes.items()}
+        if self.aggregator.remedy == "rank-partitioned" and self.noise is not None:
+            raise AggregationError("remedy='rank-partitioned' averages each rank band over its own holders, so one "
+                                   "client's share of a band is not bounded by the DP sensitivity; use remedy "
+                                   "'none' or 'server-memory' with noise")
         if self.aggregator.remedy == "rank-partitioned":
             for m, parts in partitions.items():
                 r = update.rank(m)
@@ -292,6 +305,7 @@ class _FlexLoRAAccumulator(RoundAccumulator):
             for lsum, n_j in zip(self.sums[m], self.held[m]):
                 if n_j == 0:
                     continue
+                n_j = self._denominator(n_j)
                 if lsum.is_dense:
                     d = lsum.dense_sum
                     assert d is not None
@@ -302,14 +316,17 @@ class _FlexLoRAAccumulator(RoundAccumulator):
                     bs.append(b * (1.0 / n_j))
                     as_.append(a)
             if agg.remedy == "server-memory" and self.previous is not None:
-                weights = torch.tensor([n for _, n in self.ranks[m]], dtype=torch.float64) / self.total_examples
+                weights = torch.tensor([n for _, n in self.ranks[m]], dtype=torch.float64) \
+                    / self._denominator(self.total_examples)
                 lsum0 = self.sums[m][0]
                 b0 = bs[0] if bs else torch.zeros(shape[0], 0, dtype=lsum0.dtype, device=lsum0.device)
                 a0 = as_[0] if as_ else torch.zeros(0, shape[1], dtype=lsum0.dtype, device=lsum0.device)
                 b1, a1 = _with_memory(b0, a0, [r for r, _ in self.ranks[m]], m, weights, self.previous)
                 bs, as_ = [b1], [a1]
             self.sums[m] = []
-            if dense is not None:
+            if self.noise is not None:
+                svds.done[m] = self._noisy_svd(m, shape, dense, bs, as_)
+            elif dense is not None:
                 for b, a in zip(bs, as_):
                     dense.addmm_(b.to(dense.dtype), a.to(dense.dtype))
                 svds.done[m] = svd_of_dense(dense, max_rank=agg.max_rank)
@@ -320,6 +337,26 @@ class _FlexLoRAAccumulator(RoundAccumulator):
         done = svds.finish()
         modules = {m: ModuleState(shape=shape, svd=done[m]) for m, shape in self.shapes.items()}
         return GlobalState(aggregator=agg.name, modules=modules, round=self._next_round())
+
+    def _noisy_svd(self, m: str, shape: tuple[int, int], dense: torch.Tensor | None, bs: list[torch.Tensor],
+                   as_: list[torch.Tensor]) -> LowRankSVD:
+        """The SVD of ``(sum + noise) / clients`` for one module (the terms already divided): the
+        noise is dense, so this module's sum is formed densely here and released after its SVD."""
+        agg, noise = self.aggregator, self.noise
+        assert noise is not None
+        ref = bs[0] if bs else dense
+        assert ref is not None
+        out = noise.sample(m, shape, ref.dtype, ref.device).mul_(1.0 / noise.clients)
+        if dense is not None:
+            out.add_(dense.to(out.dtype))
+        for b, a in zip(bs, as_):
+            out.addmm_(b.to(out.dtype), a.to(out.dtype))
+        if agg.svd_method == "randomized":
+            assert agg.max_rank is not None
+            gen = torch.Generator(device=out.device).manual_seed(agg.seed + self._next_round())
+            return randomized_svd_of_dense(out, agg.max_rank, oversample=agg.oversample,
+                                           power_iters=agg.power_iters, generator=gen)
+        return svd_of_dense(out, max_rank=agg.max_rank)
 
 
 class _ModuleSVDs:

@@ -125,6 +125,7 @@ def _as_factors(st: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _FLoRAAccumulator(RoundAccumulator):
     aggregator: FLoRA
+    supports_noise = True
 
     def __init__(self, aggregator: FLoRA, previous: GlobalState | None) -> None:
         super().__init__(aggregator, previous)
@@ -144,7 +145,7 @@ class _FLoRAAccumulator(RoundAccumulator):
 
     def _finish(self) -> GlobalState:
         assert self.shapes is not None
-        total = float(self.total_examples)
+        total = self._denominator(float(self.total_examples))
         prev_state = self.previous if self.aggregator.accumulate else None
         modules: dict[str, ModuleState] = {}
         for name, shape in self.shapes.items():
@@ -155,8 +156,13 @@ class _FLoRAAccumulator(RoundAccumulator):
                 if st.shape != shape:
                     raise ValueError(f"module {name!r}: shape {shape} differs from the previous state's {st.shape}")
                 prev = _as_factors(st)
-            if lsum.is_dense:
-                d = lsum.dense_sum
+            noisy = None
+            if self.noise is not None:
+                # The noise is dense: this module's increment is formed densely (one at a time).
+                noisy = lsum.dense()
+                noisy.add_(self.noise.sample(name, shape, noisy.dtype, noisy.device))
+            if noisy is not None or lsum.is_dense:
+                d = noisy if noisy is not None else lsum.dense_sum
                 assert d is not None
                 d.mul_(1.0 / total)
                 if prev is not None:
