@@ -2,7 +2,7 @@
 
 Batch (``FlexLoRA.aggregate``) needs every sampled client's factors at once; streaming
 (``FlexLoRA.begin_round`` -> ``add`` per reply -> ``finish``) folds each reply into a running
-:class:`flexlora.core.lowrank.LowRankSum` as it arrives, so the server holds the running sum and
+:class:`flexlora.core.lowrank_sum.LowRankSum` as it arrives, so the server holds the running sum and
 one reply. Both give the same global update (checked here on random sketches ``P^T G Q`` of the
 kept top-``max_rank`` update).
 

@@ -305,6 +305,11 @@ def validate(cfg: RunConfig) -> None:
     if refusal:
         _fail("privacy.clip_norm", f"aggregator {cfg.aggregator!r} cannot bound its clients' contributions: "
               f"{refusal}; leave privacy.clip_norm at 0, or use flexlora, fedit, hetlora or flora")
+    refusal = method.dp_refusal(own) if cfg.privacy.dp else None
+    if refusal:
+        key = "privacy.target_epsilon" if cfg.privacy.target_epsilon else "privacy.noise_multiplier"
+        _fail(key, f"aggregator {cfg.aggregator!r} cannot run with differential privacy: {refusal}; use flexlora, "
+              "fedit or flora")
 
 
 def _check_types(cfg: RunConfig, prefix: str) -> None:

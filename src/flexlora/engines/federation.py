@@ -20,6 +20,7 @@ The federation never branches on the method: what differs between methods is the
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +63,7 @@ from flexlora.engines.run_setup import (
     local_train_config,
     partition_of,
     resolve_device,
+    round_size,
     sample_round_clients,
 )
 from flexlora.methods import ClientContext, ClientReply, Method, RunInfo, build_method, hetero_methods, method_class
@@ -161,7 +163,8 @@ class Federation:
         self.method: Method = build_method(cfg.aggregator, cfg.method_options, RunInfo(
             shapes=self.shapes, groups=self.groups, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora, seed=cfg.seed,
             init=cfg.lora.init, dtype=cfg.dtype, num_clients=self.num_clients, used_ranks=self.used_ranks,
-            ranks_of=lambda k: self.type_ranks[self.client_type[k]], log=self.log, privacy=cfg.privacy))
+            ranks_of=lambda k: self.type_ranks[self.client_type[k]], log=self.log, privacy=cfg.privacy,
+            round_size=round_size(self.num_clients, cfg.clients_per_round), rounds=cfg.rounds))
         self.method.check_types()
         if not self.read_only:
             for note in self.method.notes():
@@ -299,7 +302,11 @@ class Federation:
 
     def plan_round(self, rnd: int) -> list[ClientTask]:
         """The round's sampled clients, each with its own ranks, seed and the method's payload."""
-        sampled = sample_round_clients(self.num_clients, self.cfg.clients_per_round, self.cfg.seed, rnd)
+        seed = self.cfg.seed
+        if self.cfg.privacy.dp and not self.cfg.privacy.reproducible:
+            # DP's amplification by sampling needs a sample nobody can predict from the config.
+            seed = secrets.randbits(63)
+        sampled = sample_round_clients(self.num_clients, self.cfg.clients_per_round, seed, rnd)
         specs = [(k, self.client_spec(k)) for k in sampled]
         payloads = self.method.plan(rnd, specs)
         return [ClientTask(round=rnd, client=k, spec=spec, seed=stable_seed("client", self.cfg.seed, rnd, k),

@@ -112,6 +112,15 @@ def summary_table(records: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
                 groups.setdefault(g, []).append(v["train_loss"])
     for g in sorted(groups):
         table.add_row(f"{g}: train loss (last round it ran)", f"{groups[g][-1]:.4f}")
+    dp = [r for r in records if isinstance(r.get("epsilon"), int | float)]
+    if dp:
+        table.add_row("client-level DP (epsilon, delta)", f"({dp[-1]['epsilon']:.3f}, {dp[-1]['delta']:g}) after "
+                      f"{len(dp)} rounds, noise multiplier {dp[-1]['noise_multiplier']:.4g}")
+    clipped = [r for r in records if isinstance(r.get("clip_norm"), int | float)]
+    if clipped:
+        n = sum(1 for r in clipped for c in r["clip"].values() if c["clipped"])
+        total = sum(len(r["clip"]) for r in clipped)
+        table.add_row("contributions clipped", f"{n} of {total} (bound {clipped[-1]['clip_norm']:.4g} last round)")
     for k, v in info.items():
         if k != "run_dir":
             table.add_row(k, str(v))

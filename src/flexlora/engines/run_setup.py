@@ -111,14 +111,20 @@ def load_run_eval_data(cfg: RunConfig) -> TaskData | None:
                           option_prefix="eval.", **_field_options(e))
 
 
+def round_size(num_clients: int, clients_per_round: float) -> int:
+    """How many clients a round samples: a fraction below 1 (at least one), a count from 1 up,
+    at most ``num_clients``."""
+    m = max(1, round(clients_per_round * num_clients)) if clients_per_round < 1 else int(clients_per_round)
+    return min(m, num_clients)
+
+
 def sample_round_clients(num_clients: int, clients_per_round: float, seed: int, rnd: int) -> list[int]:
     """The clients of round ``rnd``: a seeded draw without replacement, sorted.
 
     ``clients_per_round`` below 1 is a fraction (at least one client); from 1 up it is a count.
     The draw depends only on ``(seed, rnd)``, so a resumed run samples the same clients.
     """
-    m = max(1, round(clients_per_round * num_clients)) if clients_per_round < 1 else int(clients_per_round)
-    m = min(m, num_clients)
+    m = round_size(num_clients, clients_per_round)
     rng = np.random.default_rng([seed, rnd, 0x5A17])
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
 

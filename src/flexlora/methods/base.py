@@ -112,7 +112,11 @@ class RunInfo:
         Client ``k``'s type ranks.
     log : callable
     privacy : PrivacyOptions or None
-        The run's ``[privacy]`` section (bounds on each client's contribution).
+        The run's ``[privacy]`` section (bounds on each client's contribution, DP noise).
+    round_size : int
+        The clients sampled per round.
+    rounds : int
+        The planned rounds.
     """
 
     shapes: dict[str, tuple[int, int]]
@@ -127,6 +131,8 @@ class RunInfo:
     ranks_of: Callable[[int], dict[str, int]]
     log: Callable[[str], None] = print
     privacy: Any = None
+    round_size: int = 1
+    rounds: int = 1
 
     @property
     def max_rank(self) -> int:
@@ -184,6 +190,11 @@ class Method(ABC):
     def unbounded_contributions(cls, options: Any) -> str | None:
         """Why this method cannot bound its clients' contributions (``[privacy]``), or None when it can."""
         return "its clients' replies are not LoRA factors that the core aggregators bound"
+
+    @classmethod
+    def dp_refusal(cls, options: Any) -> str | None:
+        """Why this method cannot run with differential-privacy noise, or None when it can."""
+        return cls.unbounded_contributions(options)
 
     @classmethod
     def homogeneous(cls, options: Any) -> bool:

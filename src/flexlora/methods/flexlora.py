@@ -68,6 +68,13 @@ class FlexLoRA(LoRAMethod):
                 "stream_bound": o.stream_bound or None, "batch_modules": _BATCH[o.batch_modules]}
 
     @classmethod
+    def dp_refusal(cls, options: Any) -> str | None:
+        if options.remedy == "rank-partitioned":
+            return ("remedy 'rank-partitioned' averages each rank band over its own holders, so a client's share "
+                    "of a band is not bounded; use remedy 'none' or 'server-memory'")
+        return None
+
+    @classmethod
     def legacy_value(cls, key: str, value: Any) -> Any:
         return _BATCH[value] if key == "batch_modules" else value
 

@@ -46,7 +46,7 @@ class FLoRA(LoRAMethod):
     aggregator_class = FLoRAAggregator
 
     def notes(self) -> list[str]:
-        return merge_precision_note(self.name, self.run.dtype)
+        return [*merge_precision_note(self.name, self.run.dtype), *super().notes()]
 
     def stacked(self) -> dict[str, Factors]:
         assert self.state is not None

@@ -109,6 +109,11 @@ class HetLoRA(LoRAMethod):
             self.run.log(f"round {rnd}: {cid} pruned its ranks to {pruned_now[cid]}")
         return {"pruned": pruned_now} if pruned_now else {}
 
+    @classmethod
+    def dp_refusal(cls, options: Any) -> str | None:
+        return ("its weights are the norms of the clients' updates, which depend on their data, so no client's "
+                "share of the average is bounded")
+
     def checkpoint(self) -> dict[str, Any]:
         return {**super().checkpoint(), "pruned_ranks": {str(k): dict(v) for k, v in sorted(self.pruned.items())}}
 

@@ -49,11 +49,19 @@ class LoRAMethod(Method):
         self._aggregator: Aggregator | None = None
         self._aggregator_kwargs: dict[str, Any] | None = None
         # The run's bound on each client's contribution ([privacy]); the aggregator applies it.
-        self.bound = ContributionBound(run.privacy)
+        self.bound = ContributionBound(run.privacy, population=run.num_clients, sampled=run.round_size,
+                                       rounds=run.rounds, seed=run.seed)
 
     @classmethod
     def unbounded_contributions(cls, options: Any) -> str | None:
         return None
+
+    @classmethod
+    def dp_refusal(cls, options: Any) -> str | None:
+        return None
+
+    def notes(self) -> list[str]:
+        return self.bound.notes()
 
     # ------------------------------------------------------------ aggregator
     def aggregator_kwargs(self) -> dict[str, Any]:
@@ -235,6 +243,7 @@ class LoRAFold(MethodFold):
         self._tasks = list(tasks)
         self.acc = method.aggregator.begin_round(method.state, ranks=[t.spec.ranks for t in tasks])
         self.acc.clip_norm = method.bound.current()
+        self.acc.noise = method.bound.noise(rnd, len(tasks))
         self.decisions: dict[int, tuple[ClientTask, Any]] = {}
 
     def add(self, task: ClientTask, update: ClientUpdate) -> None:
@@ -257,4 +266,5 @@ class LoRAFold(MethodFold):
         # The clip records in the tasks' order too, so the metrics do not depend on arrival order.
         position = {t.spec.client_id: i for i, t in enumerate(self._tasks)}
         log = sorted(self.acc.clip_log, key=lambda r: position.get(r.client, len(position)))
-        return {**self.method.apply_decisions(self.rnd, ordered), **self.method.bound.after_round(log)}
+        return {**self.method.apply_decisions(self.rnd, ordered),
+                **self.method.bound.after_round(log, sampled=len(self._tasks))}

@@ -84,6 +84,10 @@ class SLoRA(Method):
         return None
 
     @classmethod
+    def dp_refusal(cls, options: Any) -> str | None:
+        return cls.unbounded_contributions(options)
+
+    @classmethod
     def homogeneous(cls, options: Any) -> bool:
         return options.then == "fedit"
 
@@ -112,7 +116,7 @@ class SLoRA(Method):
         self.stage2.check_types()
 
     def notes(self) -> list[str]:
-        return merge_precision_note(self.name, self.run.dtype)
+        return [*merge_precision_note(self.name, self.run.dtype), *self.stage2.notes()]
 
     def summary(self) -> str:
         return f"slora (stage 1: {self.options.stage1_rounds} sparse rounds, then {self.stage2.summary()})"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from flexlora.core import AggregationError, ClientUpdate, get_aggregator
 from flexlora.core.aggregators.base import Aggregator, BufferedAccumulator, GlobalState
-from flexlora.core.lowrank import LowRankSum
+from flexlora.core.lowrank_sum import LowRankSum
 
 SHAPES = {"q": (24, 20), "mlp": (30, 16)}
 RTOL = 2e-5

@@ -661,7 +661,7 @@ def scaled_stack(
     """``(Bc, Ac)`` with ``Bc = [p_k s_k B_k]`` (``out x R``) and ``Ac = [A_k]`` (``R x in``).
 
     The stack of a whole round at once, for checks and analysis of a round's SVD; the aggregators
-    themselves build theirs client by client (:class:`~flexlora.core.lowrank.LowRankSum`).
+    themselves build theirs client by client (:class:`~flexlora.core.lowrank_sum.LowRankSum`).
 
     ``Bc @ Ac == sum_k p_k s_k B_k A_k`` with each client's own scaling ``s_k = alpha_k / r_k``
     (``alpha_k / sqrt(r_k)`` for a client with ``rslora``). Each client's coefficient is formed

@@ -45,7 +45,6 @@ from flexlora.core.aggregators.base import (
     RoundAccumulator,
 )
 from flexlora.core.lowrank import (
-    LowRankSum,
     LowRankSVD,
     batches_well,
     randomized_svd_of_dense,
@@ -53,6 +52,7 @@ from flexlora.core.lowrank import (
     svd_of_product,
     svd_of_products,
 )
+from flexlora.core.lowrank_sum import LowRankSum
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
@@ -103,7 +103,7 @@ class FlexLoRA(Aggregator):
         needs ``previous`` to be the state the round's clients were sent (the engines pass it).
     stream_bound : int or None, default None
         Streaming aggregation (:meth:`begin_round`): the width of a module's running stack of
-        factors that triggers its exact compression (:class:`~flexlora.core.lowrank.LowRankSum`);
+        factors that triggers its exact compression (:class:`~flexlora.core.lowrank_sum.LowRankSum`);
         None is ``min(out, in)``, past which the running sum is kept dense.
     clip_norm : float or None, default None
         Bound on each client's contribution ``s_k B_k A_k - T_{r_k}(G)`` (its change from what it
@@ -188,7 +188,7 @@ class FlexLoRA(Aggregator):
         self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
     ) -> RoundAccumulator:
         """Streaming aggregation (see :meth:`Aggregator.begin_round`): each update is folded into
-        one :class:`~flexlora.core.lowrank.LowRankSum` per module (per rank partition with
+        one :class:`~flexlora.core.lowrank_sum.LowRankSum` per module (per rank partition with
         ``remedy="rank-partitioned"``, which needs ``ranks`` for that; without it the round is
         buffered until ``finish``, where the ranks that replied are planned).
 

@@ -28,7 +28,8 @@ from flexlora.core.aggregators.base import (
     _check_rslora,
     check_state,
 )
-from flexlora.core.lowrank import LowRankSum, svd_of_dense, svd_of_product
+from flexlora.core.lowrank import svd_of_dense, svd_of_product
+from flexlora.core.lowrank_sum import LowRankSum
 from flexlora.core.types import (
     AggregationError,
     ClientUpdate,
@@ -69,7 +70,7 @@ class FLoRA(Aggregator):
         self, previous: GlobalState | None = None, *, ranks: Sequence[Mapping[str, int]] | None = None
     ) -> RoundAccumulator:
         """Streaming aggregation: the round's stack ``[n_k s_k B_k]``, ``[A_k]`` per module, kept
-        dense once wider than ``min(out, in)`` (:class:`~flexlora.core.lowrank.LowRankSum`); the
+        dense once wider than ``min(out, in)`` (:class:`~flexlora.core.lowrank_sum.LowRankSum`); the
         previous global update is put in front at ``finish``. FLoRA's global state is the stack
         itself, so its size still grows with the clients until it reaches ``min(out, in)``
         (see :meth:`Aggregator.begin_round`)."""
