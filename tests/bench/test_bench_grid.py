@@ -45,8 +45,11 @@ def test_quick_rows_and_seeds():
         assert seeds[key] == [0, 1, 2]
     assert seeds[("FlexLoRA+FedIT server-memory", "uniform")] == [0]
     # 26 method/distribution pairs (3 homo, 4 x 3 combinations, 2 x 4 for HetLoRA, FLoRA, rsLoRA and the
-    # two remedies, FedIT rich), 5 of them with three seeds, and the base row: 21 + 15 + 1.
-    assert len(rows) == 21 + 5 * 3 + 1
+    # two remedies, FedIT rich), 5 of them with three seeds, the base row, and the bounded and the two
+    # DP rows under uniform: 21 + 15 + 1 + 3.
+    assert len(rows) == 21 + 5 * 3 + 1 + 3
+    assert {m for (m, d) in seeds if "clipped" in m or "DP" in m} == {
+        "FlexLoRA+FedIT clipped", "FlexLoRA+FedIT DP eps=2", "FlexLoRA+FedIT DP eps=8"}
     assert seeds[("FlexLoRA+FedIT", "normal")] == [0]
     assert {d for (m, d) in seeds if m == "FlexLoRA+FedAvg"} == {"uniform", "heavy-tail-light",
                                                                   "heavy-tail-strong", "normal"}

@@ -11,7 +11,7 @@ import pytest
 from bench_common import results_ids, run_bench, tail
 
 from flexlora.bench.grid import grid_rows
-from flexlora.engines.config import ConfigError, load_config
+from flexlora.engines.config import load_config
 from flexlora.engines.federation import deterministic_view
 from flexlora.engines.outputs import read_metrics
 
@@ -80,21 +80,24 @@ def test_smoke_grid_end_to_end(smoke_grid):
 
 
 def test_slora_rows_are_in_the_grid():
-    try:
-        load_config(None, ["aggregator=slora"])
-    except ConfigError as exc:
-        pytest.skip(f"SLoRA (aggregator = 'slora') is not in the config yet, so the grid drops its rows: {exc}")
+    load_config(None, ["aggregator=slora"])  # a config regression fails here, it is not skipped
     ids = [r.id for r in grid_rows("smoke")]
     assert "demo/SLoRA/homo/s0" in ids and "demo/FlexLoRA+SLoRA/uniform/s0" in ids
 
 
 def test_rslora_rows_are_in_the_grid():
-    try:
-        load_config(None, ["lora.rslora=true"])
-    except ConfigError as exc:
-        pytest.skip(f"lora.rslora is not in the config yet, so the grid drops its rows: {exc}")
+    load_config(None, ["lora.rslora=true"])
     ids = [r.id for r in grid_rows("smoke")]
     assert "demo/FlexLoRA+FedIT-rsLoRA/uniform/s0" in ids
+
+
+def test_robust_and_dp_rows_are_in_the_grid():
+    rows = {r.id: r for r in grid_rows("smoke")}
+    clipped, dp = rows["demo/FlexLoRA+FedIT-clipped/uniform/s0"], rows["demo/FlexLoRA+FedIT-DP-eps=8/uniform/s0"]
+    assert "privacy.adaptive_quantile=0.5" in clipped.sets and "privacy.clip_norm=1.0" in clipped.sets
+    assert "privacy.target_epsilon=8.0" in dp.sets and "privacy.reproducible=true" in dp.sets
+    for row in (clipped, dp):
+        load_config(None, list(row.sets))  # every row's overrides are a valid config
 
 
 def test_killed_grid_resumes_the_interrupted_row(tmp_path):

@@ -110,3 +110,11 @@ def test_a_reproducible_dp_run_resumes_exactly_and_matches_flower(tmp_path: Path
 def test_bad_dp_settings_are_named(sets: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(None, [*TINY, *sets])
+
+
+def test_an_unreachable_target_is_named(tmp_path: Path) -> None:
+    # 3 of 4 clients per round, an adaptive bound whose count carries little noise: the count
+    # alone spends more than epsilon 0.5.
+    with pytest.raises(ConfigError, match="noisy count alone"):
+        _run(tmp_path, "x", ["privacy.clip_norm=0.5", "privacy.adaptive_quantile=0.5", "privacy.count_noise=0.1",
+                             "privacy.target_epsilon=0.5", "rounds=2"])

@@ -181,6 +181,13 @@ class Preset:
                                                "(server-memory, rank-partitioned).")
     largest_type: tuple[int, int] = _h("[attention, mlp] ranks of the largest client type (the FedIT rich row).")
     slora_stage1_rounds: int = _h("SLoRA stage-1 rounds (sparse full fine-tuning) of the SLoRA rows.")
+    robust_distributions: tuple[str, ...] = _h("Distributions of FlexLoRA+FedIT with each client's contribution "
+                                               "bounded (the adaptive median bound) and of its DP rows.")
+    dp_epsilons: tuple[float, ...] = _h("The epsilons of the client-level DP rows (FlexLoRA+FedIT DP eps=E, at "
+                                        "delta DP_DELTA, over the preset's rounds); () = none.")
+    dp_clip_norm: float = _h("The fixed bound C of the DP rows (about the clients' median norm, measured on the "
+                             "preset's clipped row).")
+    methods: tuple[str, ...] = _h("Only these method labels (and the base row); () = every method.")
     seeds: tuple[int, ...] = _h("Seeds of every row.")
     multi_seeds: tuple[int, ...] = _h("Seeds of the rows in multi_seed_rows (mean and std in the report).")
     multi_seed_rows: tuple[tuple[str, str], ...] = _h("(method, distribution) rows run with multi_seeds.")
@@ -236,6 +243,10 @@ SMOKE = Preset(
     remedy_distributions=("uniform",),
     largest_type=(8, 16),
     slora_stage1_rounds=1,
+    robust_distributions=("uniform",),
+    dp_epsilons=(8.0,),
+    dp_clip_norm=1.0,
+    methods=(),
     seeds=(0,),
     multi_seeds=(0,),
     multi_seed_rows=(),
@@ -264,6 +275,11 @@ QUICK = Preset(
     remedy_distributions=("uniform", "heavy-tail-light"),
     largest_type=(200, 200),
     slora_stage1_rounds=1,
+    robust_distributions=("uniform",),
+    dp_epsilons=(2.0, 8.0),
+    # The median of the five clients' norms in round 1 of ni/FlexLoRA+FedIT-clipped/uniform/s0 (1.79).
+    dp_clip_norm=1.8,
+    methods=(),
     seeds=(0,),
     multi_seeds=(0, 1, 2),
     multi_seed_rows=_MULTI_SEED_ROWS,
@@ -291,6 +307,10 @@ PAPER = Preset(
     remedy_distributions=("uniform", "heavy-tail-light"),
     largest_type=(200, 200),
     slora_stage1_rounds=2,
+    robust_distributions=("uniform",),
+    dp_epsilons=(8.0,),
+    dp_clip_norm=1.0,
+    methods=(),
     seeds=(0,),
     multi_seeds=(0, 1, 2),
     multi_seed_rows=_MULTI_SEED_ROWS,
@@ -299,7 +319,36 @@ PAPER = Preset(
              "Instructions (about 1,600 clients) that is 80 clients per round; not sized for a CPU",
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (SMOKE, QUICK, PAPER)}
+# Client-level DP needs many clients per round: the noise on the average falls as 1 / m. This
+# preset runs the quick sizes with 1,600 clients on Dolly-15k (9 examples each), 5 % (80) per round,
+# FlexLoRA+FedIT with the bound alone against its DP rows.
+DP_SCALE = Preset(
+    name="dp-scale",
+    description="client-level DP at scale: SmolLM2-135M on Dolly-15k split over 1,600 clients, 80 per round, "
+                "FlexLoRA+FedIT bounded, with and without DP noise; about 10 minutes per run on 2 cores",
+    datasets=("dolly",),
+    sets=(*_COMMON, "model=builtin:smollm2-135m-instruct", *QUICK_SIZES),
+    dataset_sets={"dolly": (*QUICK_DATASET_SETS["dolly"], "num_clients=1600", "clients_per_round=0.05")},
+    sgd_lr=1e-1,
+    combo_distributions=("uniform",),
+    het_distributions=(),
+    rslora_distributions=(),
+    remedy_distributions=(),
+    largest_type=(200, 200),
+    slora_stage1_rounds=1,
+    robust_distributions=("uniform",),
+    dp_epsilons=(2.0, 8.0),
+    dp_clip_norm=1.8,  # the quick preset's (measured on NI); the clipped row records Dolly's norms
+    methods=("FlexLoRA+FedIT", "FlexLoRA+FedIT clipped", "FlexLoRA+FedIT DP eps=2", "FlexLoRA+FedIT DP eps=8"),
+    seeds=(0,),
+    multi_seeds=(0,),
+    multi_seed_rows=(),
+    needs_model=False,
+    estimate="per run: 4 rounds x 80 clients x 4 steps x 1 example = 1,280 training examples and one "
+             "evaluation of 24 answers of 64 tokens",
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (SMOKE, QUICK, PAPER, DP_SCALE)}
 
 
 def get_preset(name: str) -> Preset:
@@ -338,6 +387,26 @@ def _homo(p: Preset) -> tuple[str, ...]:
     return ("homo",)
 
 
+DP_DELTA = 1e-4
+"""The delta of the grid's DP rows (below 1 / N for every data set here: N <= 1,600)."""
+
+# The bound of the robust and DP rows: no hand-set C, the median of the clients' norms tracked
+# from 1.0 (Andrew et al., NeurIPS 2021). The DP rows draw their noise from the row's seed, so a
+# row repeats exactly (privacy.reproducible: a benchmark, not a private deployment).
+_BOUNDED = ("aggregator=flexlora", "train.optimizer=adamw", "privacy.clip_norm=1.0", "privacy.adaptive_quantile=0.5")
+
+
+def _dp(epsilon: float) -> Callable[[Preset], tuple[str, ...]]:
+    # A fixed bound: an adaptive one under DP spends budget on its noisy count, which a round of a
+    # few clients cannot afford, and over 4 rounds it moves by at most exp(0.4) anyway.
+    return lambda p: ("aggregator=flexlora", "train.optimizer=adamw", f"privacy.clip_norm={p.dp_clip_norm!r}",
+                      f"privacy.target_epsilon={epsilon!r}", f"privacy.delta={DP_DELTA!r}", "privacy.reproducible=true")
+
+
+def _dp_distributions(epsilon: float) -> Callable[[Preset], tuple[str, ...]]:
+    return lambda p: p.robust_distributions if epsilon in p.dp_epsilons else ()
+
+
 # The paper's rows (Tables 2-4) and this project's additions, in the report's order.
 METHODS: tuple[_Method, ...] = (
     _Method("FedAvg", lambda p: ("aggregator=fedavg", *_sgd(p)), _homo),
@@ -360,6 +429,9 @@ METHODS: tuple[_Method, ...] = (
     # Reference: every client at the largest type, the upper end FlexLoRA's heterogeneous rows aim at.
     _Method("FedIT rich", lambda p: ("aggregator=fedit", _ADAMW, f"lora.types=[[{p.largest_type[0]}, "
                                      f"{p.largest_type[1]}]]"), _homo),
+    # Beyond the paper: each client's contribution bounded ([privacy]), and client-level DP.
+    _Method("FlexLoRA+FedIT clipped", lambda p: _BOUNDED, lambda p: p.robust_distributions),
+    *(_Method(f"FlexLoRA+FedIT DP eps={e:g}", _dp(e), _dp_distributions(e)) for e in (2.0, 8.0)),
 )
 METHOD_ORDER: tuple[str, ...] = (BASE_METHOD, *(m.label for m in METHODS))
 """Every method label in the report's row order."""
@@ -393,6 +465,8 @@ def grid_rows(preset: Preset | str, datasets: Sequence[str] | None = None) -> li
     for ds in names:
         rows.append(base_row(ds))
         for m in METHODS:
+            if p.methods and m.label not in p.methods:
+                continue
             for dist in m.distributions(p):
                 seeds = p.multi_seeds if (m.label, dist) in multi else p.seeds
                 for seed in seeds:

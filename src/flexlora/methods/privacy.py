@@ -142,6 +142,13 @@ def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sampled:
     def event(z: float) -> Any:
         return dpa.SelfComposedDpEvent(round_event(z, sampled, population, count_noise), rounds)
 
+    floor = epsilon_of([(1e4, sampled, population, count_noise)] * rounds, delta)
+    if floor >= target_epsilon:
+        # Only the adaptive bound's noisy count can spend this much whatever the noise on the sum.
+        raise ConfigError(f"config key 'privacy.target_epsilon': {target_epsilon:g} cannot be met in {rounds} rounds "
+                          f"of {sampled} of {population} clients: the adaptive bound's noisy count alone (noise "
+                          f"{count_noise:g}) spends epsilon {floor:.3g}; raise privacy.count_noise, or use a fixed "
+                          "bound (privacy.adaptive_quantile = 0)")
     return float(mc.calibrate_dp_mechanism(
         lambda: dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE), event,
         target_epsilon, delta, mc.ExplicitBracketInterval(1e-3, 1e4)))
