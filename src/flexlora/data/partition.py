@@ -417,11 +417,12 @@ def partition_examples(
     n = data.num_train
     if num_clients * min_per_client > n:
         raise DataError(
-            f"{num_clients} clients x min_per_client={min_per_client} need "
-            f"{num_clients * min_per_client} examples, but {data.name!r} has {n} training "
-            "examples.",
-            fix="use fewer clients (in a run config: --set num_clients=N, or 0 for one per task), a smaller "
-            "min_per_client, or more data (data_options.max_per_task=0 keeps every example).",
+            (f"{num_clients} clients x min_per_client={min_per_client} need " if min_per_client > 1
+             else f"{num_clients} clients need one example each, ")
+            + f"{num_clients * min_per_client} examples, but {data.name!r} has {n} training examples.",
+            fix="use fewer clients (in a run config: --set num_clients=N, or 0 for one per task)"
+            + (", a smaller min_per_client" if min_per_client > 1 else "")
+            + ", or more data (in a run config: --set data_options.max_per_task=0 keeps every example).",
         )
     groups = {t: [ex.id for ex in exs] for t, exs in data.train.items() if exs}
     params: dict[str, Any] = {"num_clients": num_clients, "min_per_client": min_per_client}

@@ -118,11 +118,20 @@ def format_prompt(example: Example, template: str = "alpaca", tokenizer: Any = N
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    # verbose=False: the whole text is tokenised and then cut to cutoff_len here (encode_example), so
+    # transformers' "Token indices sequence length is longer than the specified maximum" warning
+    # about the uncut text would be misleading (it printed once per process, in every Ray actor).
     encode = getattr(tokenizer, "encode", None)
-    if callable(encode):
-        ids = encode(text, add_special_tokens=add_special_tokens)
-    else:
-        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    try:
+        if callable(encode):
+            ids = encode(text, add_special_tokens=add_special_tokens, verbose=False)
+        else:
+            ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+    except TypeError:  # a tokenizer-like object without the verbose keyword
+        if callable(encode):
+            ids = encode(text, add_special_tokens=add_special_tokens)
+        else:
+            ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
     return [int(i) for i in ids]
 
 

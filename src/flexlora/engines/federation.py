@@ -169,6 +169,12 @@ class Federation:
         if not self.read_only:
             for note in self.method.notes():
                 self.log(note)
+            if round_size(self.num_clients, cfg.clients_per_round) == 1 and self.num_clients > 1:
+                # A surprise otherwise: the global swings from one client's tasks to another's, and
+                # Rouge-L on the unseen tasks can fall to 0 after a good round.
+                self.log(f"note: clients_per_round = {cfg.clients_per_round:g} samples 1 of the {self.num_clients} "
+                         "clients per round, so each round's global model is that one client's adapter (nothing is "
+                         "averaged); raise clients_per_round to average several")
         self.train_cfg = local_train_config(cfg)
         self.encoding = encoding_options(cfg)
         self.evaluation = Evaluation(self)
