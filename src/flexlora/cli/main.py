@@ -56,6 +56,18 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="override eval.* keys, e.g. --set eval.max_examples_per_task=0")
     ev.add_argument("--base", action="store_true", help="evaluate the base model instead (no adapter)")
     ev.add_argument("--json", type=Path, help="also write the result to this file")
+    ev.add_argument("--rescore", action="store_true",
+                    help="score the run's saved answers (RUN_DIR/eval/*.jsonl) again with the given scoring "
+                         "settings, e.g. --set eval.stem=true, without loading the model or generating")
+    ev.add_argument("--answers", metavar="NAME", action="append", default=[],
+                    help="with --rescore: only RUN_DIR/eval/NAME.jsonl (repeatable; default: every file)")
+
+    sh = sub.add_parser("show", help="print a run's saved answers beside their references, a few per task")
+    sh.add_argument("run_dir", type=Path)
+    sh.add_argument("--answers", metavar="NAME", default=None,
+                    help="the answers file RUN_DIR/eval/NAME.jsonl (default: the last round's, round_<N>)")
+    sh.add_argument("--per-task", type=_positive_int, default=3, help="answers shown per task (default 3)")
+    sh.add_argument("--task", action="append", default=[], help="only this task (repeatable)")
 
     ex = sub.add_parser("export", help="export a run's global adapter (PEFT format) and optionally a merged model")
     ex.add_argument("run_dir", type=Path)
@@ -141,19 +153,103 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"flexlora eval only accepts eval.* overrides, got {bad}")
     if args.json is not None and args.json.is_dir():
         raise ConfigError(f"--json {args.json} is a directory; give a file name")
+    if args.rescore:
+        return _rescore(args)
+    if args.answers:
+        raise ConfigError("--answers goes with --rescore (a fresh evaluation writes RUN_DIR/eval/eval.jsonl)")
     # The run opens with its own config (its checkpoint's fingerprint covers eval.* too); the
     # eval overrides then only rebuild the eval set.
     cfg = _resume_config(args.run_dir, [])
     sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log, read_only=True)
     if args.overrides:
         sim.use_eval_settings(_resume_config(args.run_dir, args.overrides).eval)
-    res = sim.evaluation.evaluate(base=True) if args.base else sim.evaluate()
+    res = sim.evaluation.evaluate(base=True, answers="eval_base" if args.base else "eval")
     text = json.dumps(res, indent=2, sort_keys=True)
     print(text)
     if args.json:
         from flexlora.engines.checkpoint import atomic_write_text
 
         atomic_write_text(args.json, text + "\n")
+    return 0
+
+
+def _answer_files(run_dir: Path, names: list[str]) -> list[Path]:
+    from flexlora.engines.config import ConfigError
+
+    folder = run_dir / "eval"
+    if names:
+        files = [folder / f"{n}.jsonl" for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            known = sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+            raise ConfigError(f"no saved answers at {missing[0]}; this run has {known or 'none'}")
+        return files
+    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    if not files:
+        raise ConfigError(f"{run_dir} has no saved answers ({folder}/*.jsonl): runs write them from this version on; "
+                          f"run `flexlora eval {run_dir}` to evaluate it and save them")
+    return files
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    from flexlora.engines.config import ConfigError
+    from flexlora.engines.evaluation import read_answers, rescore
+
+    if args.base:
+        raise ConfigError("--rescore scores saved answers; --base does not apply (rescore eval_base.jsonl with "
+                          "--answers eval_base)")
+    cfg = _resume_config(args.run_dir, args.overrides)
+    out = {}
+    for path in _answer_files(args.run_dir, args.answers):
+        try:
+            out[path.stem] = rescore(read_answers(path), stem=cfg.eval.stem)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; the file is not one flexlora wrote (delete it, or evaluate again)") from None
+    text = json.dumps(out, indent=2, sort_keys=True)
+    print(text)
+    if args.json:
+        from flexlora.engines.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from flexlora.engines.config import ConfigError
+    from flexlora.engines.evaluation import read_answers
+
+    if args.answers is None:
+        rounds = sorted((int(p.stem.split("_")[1]), p.stem) for p in (args.run_dir / "eval").glob("round_*.jsonl")
+                        if p.stem.split("_")[1].isdigit() and p.stem.count("_") == 1) \
+            if (args.run_dir / "eval").is_dir() else []
+        if not rounds:
+            _answer_files(args.run_dir, [])  # names the problem and the fix
+            raise ConfigError(f"{args.run_dir} has no round_<N> answers; choose one with --answers")
+        name = rounds[-1][1]
+    else:
+        name = args.answers
+    path = _answer_files(args.run_dir, [name])[0]
+    try:
+        records = read_answers(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        if not args.task or r["task"] in args.task:
+            by_task.setdefault(r["task"], []).append(r)
+    if args.task and not by_task:
+        raise ConfigError(f"no answers for task(s) {args.task} in {path}; its tasks are "
+                          f"{sorted({r['task'] for r in records})[:10]}")
+    print(f"{path} ({len(records)} answers, {len(by_task)} tasks)")
+    for task in sorted(by_task):
+        recs = by_task[task]
+        mean = sum(float(r.get("rougeL", 0.0)) for r in recs) / len(recs)
+        print(f"\n== {task}: Rouge-L {mean:.4f} over {len(recs)} answers")
+        for r in recs[: args.per_task]:
+            refs = " | ".join(str(x) for x in r["references"])
+            print(f"  [{r.get('id', '')}] Rouge-L {float(r.get('rougeL', 0.0)):.3f}")
+            print(f"    answer:    {r['prediction']!r}")
+            print(f"    reference: {refs!r}")
     return 0
 
 
@@ -236,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     from flexlora.engines.rounds import FederationError
     from flexlora.training.models import ModelLoadError, ModelSpecError
 
-    handlers = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "config": cmd_config, "bench": cmd_bench}
+    handlers = {"run": cmd_run, "eval": cmd_eval, "show": cmd_show, "export": cmd_export, "config": cmd_config,
+                "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, AggregationError, FileNotFoundError, FileExistsError,

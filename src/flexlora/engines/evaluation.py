@@ -4,15 +4,19 @@ Rouge-L of greedy answers and the eval loss, and the scores per client type."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flexlora._atomic import atomic_write_text
 from flexlora.core.types import Factors
 from flexlora.data import Example
 from flexlora.data.templates import encode_example, encode_prompt
 from flexlora.engines.run_setup import load_run_eval_data
 from flexlora.training.adapter import client_adapter
-from flexlora.training.evaluate import eval_loss, evaluate_generation
+from flexlora.training.evaluate import eval_loss, evaluate_generation, rouge_l
 
 if TYPE_CHECKING:
     from flexlora.engines.federation import Federation
@@ -65,13 +69,14 @@ class Evaluation:
                                                     cutoff_len=enc.cutoff_len, train_on_inputs=False))
 
     def evaluate(self, factors: dict[str, Factors] | None = None, *, with_loss: bool = True,
-                 base: bool = False) -> dict[str, Any]:
+                 base: bool = False, answers: str | None = None) -> dict[str, Any]:
         """Rouge-L of greedy answers (and the eval loss) on the unseen tasks.
 
         ``factors`` defaults to the current global adapter at the export rank; without a global
         adapter (before the first round, or inside a method's stage without one) the method's
         global model is evaluated (:meth:`flexlora.methods.Method.base_context`). ``base``
-        evaluates the base model itself (``flexlora eval --base``).
+        evaluates the base model itself (``flexlora eval --base``). ``answers`` names the file
+        ``RUN_DIR/eval/<answers>.jsonl`` that keeps every answer (:func:`write_answers`).
         """
         if not self.items:
             return {}
@@ -92,6 +97,9 @@ class Evaluation:
             gen = evaluate_generation(model, fed.tokenizer, self.items, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=cfg.batch_size, stem=cfg.stem)
             loss = eval_loss(model, self.features, batch_size=cfg.loss_batch_size) if with_loss else None
+        if answers is not None:
+            write_answers(self.fed.run_dir / "eval" / f"{answers}.jsonl", self.examples, self.items, gen.predictions,
+                          gen.scores, stem=cfg.stem)
         out: dict[str, Any] = {"rougeL": gen.overall, "rougeL_per_task": gen.per_task}
         if with_loss:
             out["eval_loss"] = loss
@@ -99,9 +107,10 @@ class Evaluation:
         out["eval_seconds"] = time.perf_counter() - t0
         return out
 
-    def per_type(self) -> dict[str, float]:
+    def per_type(self, answers: str | None = None) -> dict[str, float]:
         """Rouge-L of the global model as each client type receives it (distributed to its ranks);
-        types whose method sends no such adapter are left out."""
+        types whose method sends no such adapter are left out. With ``answers``, each type's answers
+        go to ``eval/<answers>_<type>.jsonl``."""
         fed = self.fed
         assert fed.state is not None
         out = {}
@@ -110,8 +119,58 @@ class Evaluation:
             factors = fed.method.type_factors(ranks, t.alpha)
             if factors is None:
                 continue
-            out[t.name] = self.evaluate(factors, with_loss=False)["rougeL"]
+            name = f"{answers}_{t.name}" if answers is not None else None
+            out[t.name] = self.evaluate(factors, with_loss=False, answers=name)["rougeL"]
         return out
+
+
+def write_answers(path: Path, examples: Sequence[Example], items: Sequence[tuple[str, list[int], tuple[str, ...]]],
+                  predictions: Sequence[str], scores: Sequence[float], *, stem: bool) -> None:
+    """One JSON record per evaluated answer: ``task``, ``id``, ``prediction``, ``references``,
+    ``rougeL`` (and ``stem``, the scoring setting), in the eval set's order; written atomically."""
+    lines = []
+    for ex, (task, _, refs), pred, score in zip(examples, items, predictions, scores, strict=True):
+        lines.append(json.dumps({"task": task, "id": ex.id, "prediction": pred, "references": list(refs),
+                                 "rougeL": score, "stem": stem}, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_answers(path: Path) -> list[dict[str, Any]]:
+    """The records of an answers file (:func:`write_answers`).
+
+    Raises
+    ------
+    ValueError
+        A line that is not such a record (the file and line are named).
+    """
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("prediction"), str) \
+                    or not isinstance(rec.get("references"), list) or not isinstance(rec.get("task"), str):
+                raise ValueError("not an answer record (task, id, prediction, references, rougeL)")
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {i}: {exc}") from None
+        out.append(rec)
+    return out
+
+
+def rescore(records: Sequence[dict[str, Any]], *, stem: bool) -> dict[str, Any]:
+    """Rouge-L of saved answers under other scoring settings, without generating again: the
+    overall mean (every answer counts once, as in the run's metrics) and the per-task means."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for r in records:
+        s = rouge_l(r["prediction"], [str(x) for x in r["references"]], stem=stem)
+        sums[r["task"]] = sums.get(r["task"], 0.0) + s
+        counts[r["task"]] = counts.get(r["task"], 0) + 1
+    total = sum(counts.values())
+    return {"rougeL": sum(sums.values()) / total if total else float("nan"),
+            "rougeL_per_task": {t: sums[t] / counts[t] for t in sorted(sums)}, "answers": total, "stem": stem}
 
 
 @contextlib.contextmanager

@@ -344,9 +344,9 @@ class Federation:
     def end_round(self, rnd: int, record: dict[str, Any], tb: TensorBoardLog | None = None) -> None:
         """Evaluate when due, then write the checkpoint, metrics.jsonl and TensorBoard for round ``rnd``."""
         if self._eval_due(rnd):
-            record.update(self.evaluate())
+            record.update(self.evaluation.evaluate(answers=f"round_{rnd}"))
         if rnd == self.cfg.rounds and self.cfg.eval.per_type and self.evaluation.items and self.state is not None:
-            record["rougeL_by_type"] = self.evaluation.per_type()
+            record["rougeL_by_type"] = self.evaluation.per_type(answers=f"round_{rnd}")
         self.records.append(record)
         save_checkpoint(self.run_dir / "checkpoints", checkpoint_payload(self, rnd))
         write_metrics(self.run_dir / "metrics.jsonl", self.records)
@@ -413,7 +413,7 @@ class Federation:
         try:
             if self.start_round == 1 and cfg.eval.baseline and not any(r["round"] == 0 for r in self.records):
                 self.log("evaluating the base model (round 0)")
-                rec = {"round": 0, **self.evaluate()}
+                rec = {"round": 0, **self.evaluation.evaluate(answers="round_0")}
                 self.records.append(rec)
                 tb.log(rec)
                 write_metrics(self.run_dir / "metrics.jsonl", self.records)
