@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/aggregation.py            # all six cases, best of 3 (20-35 minutes on 2 cores; the dense references dominate)
     python benchmarks/aggregation.py --quick    # 1024-sized modules, about a minute
+    python benchmarks/aggregation.py --device cuda   # every method on the GPU (scripts/gpu-check.sh)
 """
 
 from __future__ import annotations
@@ -101,9 +102,19 @@ def run_dense(factors, sizes, ranks):
     return out, "dense"
 
 
+def _on(device: str, rnd):
+    factors, sizes, ranks = rnd
+    return [(a.to(device), b.to(device)) for a, b in factors], sizes, ranks
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def worker(args) -> None:
     torch.manual_seed(0)
-    factors, sizes, ranks = make_round(args.out, args.inp, args.scenario, args.seed)
+    factors, sizes, ranks = _on(args.device, make_round(args.out, args.inp, args.scenario, args.seed))
     def cholesky(factors, sizes, ranks):
         A, B = factors[0]
         thin = sum(ranks) <= 0.85 * min(B.shape[0], A.shape[1])
@@ -114,13 +125,15 @@ def worker(args) -> None:
         import flexlora  # noqa: F401  (import cost is not part of the timing)
     # Warm up every method the same way (thread pool, LAPACK workspaces) on a small round, so the
     # timed call measures the algorithm and not the first-call start-up of the process.
-    fn(*make_round(1024, 1024, args.scenario, args.seed + 1))
+    fn(*_on(args.device, make_round(1024, 1024, args.scenario, args.seed + 1)))
+    _sync(args.device)
     base_rss = rss_mib()
     base_peak = peak_mib()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         out, path = fn(factors, sizes, ranks)
+        _sync(args.device)  # CUDA runs asynchronously: time the work, not its launch
         times.append(time.perf_counter() - t0)
     # Best of the repeats, as timeit does: on a shared machine noise only ever adds time.
     seconds = min(times)
@@ -130,6 +143,7 @@ def worker(args) -> None:
     Q = torch.randn(args.inp, SKETCH, generator=g, dtype=torch.float64)
     sketches = {}
     for r, (A, B) in out.items():
+        A, B = A.cpu(), B.cpu()
         # P^T (alpha/r B A) Q without forming the dense product.
         sk = (ALPHA / r) * ((P.T @ B.double()) @ (A.double() @ Q))
         sketches[str(r)] = sk.flatten().tolist()
@@ -139,11 +153,11 @@ def worker(args) -> None:
     )
 
 
-def run_case(out_f: int, in_f: int, scenario: str, seed: int, repeats: int) -> dict:
+def run_case(out_f: int, in_f: int, scenario: str, seed: int, repeats: int, device: str = "cpu") -> dict:
     res = {}
     for method in ("flexlora", "cholesky", "dense"):
         cmd = [sys.executable, __file__, "--worker", method, "--out", str(out_f), "--inp", str(in_f),
-               "--scenario", scenario, "--seed", str(seed), "--repeats", str(repeats)]
+               "--scenario", scenario, "--seed", str(seed), "--repeats", str(repeats), "--device", device]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"worker failed ({method}, {out_f}x{in_f}, {scenario}):\n{proc.stderr}")
@@ -176,9 +190,11 @@ def run_case(out_f: int, in_f: int, scenario: str, seed: int, repeats: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1024-sized modules (a smoke run)")
+    ap.add_argument("--tiny", action="store_true", help="one 256 x 256 case (scripts/gpu-check.sh's dry run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per method and case; the best is reported")
+    ap.add_argument("--device", default="cpu", help="torch device of every method (cpu, cuda, cuda:1)")
     ap.add_argument("--worker", choices=("flexlora", "cholesky", "dense"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--inp", type=int, help=argparse.SUPPRESS)
@@ -187,16 +203,22 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    shapes = [(1024, 1024), (1024, 2752)] if args.quick else [(4096, 4096), (4096, 11008)]
+    shapes = [(256, 256)] if args.tiny else [(1024, 1024), (1024, 2752)] if args.quick else [(4096, 4096),
+                                                                                                (4096, 11008)]
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ranks {RANKS}, alpha {ALPHA}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device here")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; ranks {RANKS}, "
+          f"alpha {ALPHA}")
     header = f"{'module':>11} {'clients':>20} {'R':>5} {'path':>5} {'flexlora s':>10} {'dense s':>8} {'vs dense':>8} " \
              f"{'flex MiB':>9} {'dense MiB':>9} {'rel diff':>8} | {'chol ran':>8} {'chol s':>7} {'vs default':>10} {'chol diff':>9}"
     print(header)
     cases = [(shape, sc) for shape in shapes for sc in ("10-mixed", "80-heavy-tail-light")]
     cases += [(shapes[0], sc) for sc in ("10-collinear-1e2", "10-collinear-1e3")]
+    if args.tiny:
+        cases = [(shapes[0], "10-mixed")]
     for (out_f, in_f), scenario in cases:
-        row = run_case(out_f, in_f, scenario, args.seed, args.repeats)
+        row = run_case(out_f, in_f, scenario, args.seed, args.repeats, args.device)
         rows.append(row)
         print(f"{row['case']:>11} {scenario:>20} {row['R']:>5} {row['path']:>5} {row['flexlora_s']:>10.3f} "
               f"{row['dense_s']:>8.2f} {row['speedup']:>7.1f}x {row['flexlora_peak_mib']:>9.0f} "
