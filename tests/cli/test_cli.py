@@ -33,16 +33,21 @@ def test_eval_reproduces_the_runs_final_score(run_dir: Path, tmp_path: Path, cap
 def test_eval_overrides_apply_and_leave_the_run_untouched(run_dir: Path, tmp_path: Path, capsys) -> None:
     """``--set eval.*`` changes what is evaluated (here one example per task instead of two), while
     the run opens with its own config: nothing in the run directory is rewritten, so the run can
-    still be resumed with its checkpoint (a rewritten config.toml would no longer match it)."""
-    before = snapshot(run_dir)
+    still be resumed with its checkpoint (a rewritten config.toml would no longer match it). The
+    one file an evaluation adds is its saved answers, eval/eval.jsonl."""
+    def run_files() -> dict[str, bytes]:
+        return {k: v for k, v in snapshot(run_dir).items() if not k.startswith("eval/eval")}
+
+    before = run_files()
     out = tmp_path / "eval1.json"
     assert main(["eval", str(run_dir), "--set", "eval.max_examples_per_task=1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["eval_examples"] == 2  # eval.max_tasks=2, one example each
+    assert len((run_dir / "eval" / "eval.jsonl").read_text().splitlines()) == 2
     default = tmp_path / "eval2.json"
     assert main(["eval", str(run_dir), "--json", str(default)]) == 0
     assert json.loads(default.read_text())["eval_examples"] == 4
     assert main(["export", str(run_dir), "--output", str(tmp_path / "exported")]) == 0
-    assert snapshot(run_dir) == before
+    assert run_files() == before
     assert "resuming" not in capsys.readouterr().err
 
 
@@ -127,3 +132,12 @@ def test_version_is_the_installed_packages(capsys) -> None:
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"flexlora {version('flexlora')}"
+
+
+def test_eval_base_evaluates_the_base_model_and_saves_its_answers_apart(run_dir: Path, tmp_path: Path) -> None:
+    run_res, base_res = tmp_path / "run.json", tmp_path / "base.json"
+    assert main(["eval", str(run_dir), "--json", str(run_res)]) == 0
+    assert main(["eval", str(run_dir), "--base", "--json", str(base_res)]) == 0
+    a, b = json.loads(run_res.read_text()), json.loads(base_res.read_text())
+    assert a["eval_loss"] != b["eval_loss"]  # the adapter is applied in one and not the other
+    assert (run_dir / "eval" / "eval.jsonl").is_file() and (run_dir / "eval" / "eval_base.jsonl").is_file()

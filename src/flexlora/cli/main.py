@@ -163,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sim = Simulation(cfg, args.run_dir, resume=True, progress=False, log=_log, read_only=True)
     if args.overrides:
         sim.use_eval_settings(_resume_config(args.run_dir, args.overrides).eval)
-    res = sim.evaluation.evaluate(base=True, answers="eval_base" if args.base else "eval")
+    res = sim.evaluation.evaluate(base=args.base, answers="eval_base" if args.base else "eval")
     text = json.dumps(res, indent=2, sort_keys=True)
     print(text)
     if args.json:
