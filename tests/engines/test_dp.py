@@ -118,3 +118,10 @@ def test_an_unreachable_target_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="noisy count alone"):
         _run(tmp_path, "x", ["privacy.clip_norm=0.5", "privacy.adaptive_quantile=0.5", "privacy.count_noise=0.1",
                              "privacy.target_epsilon=0.5", "rounds=2"])
+
+
+def test_a_target_met_by_any_noise_is_named() -> None:
+    from flexlora.methods.privacy import noise_for_epsilon
+
+    with pytest.raises(ConfigError, match="met by any noise multiplier"):
+        noise_for_epsilon(1e9, 1e-3, 1, 3, 4)

@@ -149,6 +149,9 @@ def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sampled:
                           f"of {sampled} of {population} clients: the adaptive bound's noisy count alone (noise "
                           f"{count_noise:g}) spends epsilon {floor:.3g}; raise privacy.count_noise, or use a fixed "
                           "bound (privacy.adaptive_quantile = 0)")
+    if epsilon_of([(1e-3, sampled, population, count_noise)] * rounds, delta) <= target_epsilon:
+        raise ConfigError(f"config key 'privacy.target_epsilon': {target_epsilon:g} is met by any noise multiplier "
+                          "down to 0.001 (no privacy to speak of); give privacy.noise_multiplier directly")
     return float(mc.calibrate_dp_mechanism(
         lambda: dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE), event,
         target_epsilon, delta, mc.ExplicitBracketInterval(1e-3, 1e4)))
