@@ -87,10 +87,11 @@ def _build_parser() -> argparse.ArgumentParser:
                     "OUTPUT/results.jsonl and write OUTPUT/results.md with plots. Running again into the same "
                     "OUTPUT skips finished rows and resumes an interrupted one from its checkpoint. "
                     "See docs/BENCHMARKS.md.")
-    q.add_argument("--preset", required=True, metavar="smoke|quick|paper",
+    q.add_argument("--preset", required=True, metavar="smoke|quick|paper|dp-scale",
                    help="smoke: every method once on builtin:tiny-llama (about a minute); quick: SmolLM2-135M on "
                         "Natural Instructions (2-6 min per run, under 3 h per data set on 2 cores); paper: the "
-                        "paper's protocol for a GPU (needs --set model=...)")
+                        "paper's protocol for a GPU (needs --set model=...); dp-scale: client-level DP with 80 of "
+                        "1,600 clients per round on Dolly-15k (about 10 min per run)")
     q.add_argument("--data", action="append", default=[], metavar="NAME[=PATH]",
                    help="a data set to run (demo, ni, dolly), optionally at PATH; repeatable. Given, exactly these "
                         "run; without it the preset's own (smoke: demo, quick: ni, paper: ni and dolly) at their "
