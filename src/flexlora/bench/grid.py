@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -320,30 +320,22 @@ PAPER = Preset(
 )
 
 # Client-level DP needs many clients per round: the noise on the average falls as 1 / m. This
-# preset runs the quick sizes with 1,600 clients on Dolly-15k (9 examples each), 5 % (80) per round,
+# preset is the quick one (sizes, bound, epsilons) with 1,600 clients on Dolly-15k (9 examples each), 5 % (80) per round,
 # FlexLoRA+FedIT with the bound alone against its DP rows.
-DP_SCALE = Preset(
+DP_SCALE = replace(
+    QUICK,
     name="dp-scale",
     description="client-level DP at scale: SmolLM2-135M on Dolly-15k split over 1,600 clients, 80 per round, "
                 "FlexLoRA+FedIT bounded, with and without DP noise; about 10 minutes per run on 2 cores",
     datasets=("dolly",),
-    sets=(*_COMMON, "model=builtin:smollm2-135m-instruct", *QUICK_SIZES),
     dataset_sets={"dolly": (*QUICK_DATASET_SETS["dolly"], "num_clients=1600", "clients_per_round=0.05")},
-    sgd_lr=1e-1,
     combo_distributions=("uniform",),
     het_distributions=(),
     rslora_distributions=(),
     remedy_distributions=(),
-    largest_type=(200, 200),
-    slora_stage1_rounds=1,
-    robust_distributions=("uniform",),
-    dp_epsilons=(2.0, 8.0),
-    dp_clip_norm=1.8,  # the quick preset's (measured on NI); the clipped row records Dolly's norms
     methods=("FlexLoRA+FedIT", "FlexLoRA+FedIT clipped", "FlexLoRA+FedIT DP eps=2", "FlexLoRA+FedIT DP eps=8"),
-    seeds=(0,),
     multi_seeds=(0,),
     multi_seed_rows=(),
-    needs_model=False,
     estimate="per run: 4 rounds x 80 clients x 4 steps x 1 example = 1,280 training examples and one "
              "evaluation of 24 answers of 64 tokens",
 )

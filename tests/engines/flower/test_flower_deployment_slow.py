@@ -110,16 +110,22 @@ def test_serverapp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp_path:
 def test_loopback_deployment_matches_the_in_process_engine(tmp_path: Path) -> None:
     """An uninterrupted deployment gives the in-process engine's adapter and metrics (CI leaves it
     out: the ServerApp-kill test above proves the same with a kill and a resume in between)."""
-    sets = [*TINY, "rounds=2"]
+    _deployed_equals_local(tmp_path, [*TINY, "rounds=2"], port=19290)
+
+
+def _deployed_equals_local(tmp_path: Path, sets: list[str], port: int) -> Path:
+    """Run ``sets`` in process and on a 4-node loopback deployment; assert the same nonzero adapter
+    (within 1e-5) and the same metrics; return the deployment's run directory."""
     local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
     local.run()
     out = tmp_path / "deployed"
-    res = _deploy(out, [f"partition-id={i}" for i in range(4)], _quoted(sets), None, port=19290)
+    res = _deploy(out, [f"partition-id={i}" for i in range(4)], _quoted(sets), None, port=port)
     assert res.returncode == 0, res.stdout[-4000:]
     a, b = _adapter(local.run_dir), _adapter(out)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert max(float(t.abs().max()) for t in a.values()) > 0
     assert deterministic_view(_metrics(local.run_dir)) == deterministic_view(_metrics(out))
+    return out
 
 
 def test_slora_deployment_matches_the_in_process_engine(tmp_path: Path) -> None:
@@ -128,16 +134,7 @@ def test_slora_deployment_matches_the_in_process_engine(tmp_path: Path) -> None:
     its own ranks; the adapter and metrics equal the in-process engine's."""
     sets = [*TINY, "rounds=2", "aggregator=slora", "slora.stage1_rounds=1", "slora.then=flexlora",
             "eval.every=0", "eval.baseline=false", "eval.per_type=false"]
-    local = Simulation(load_config(None, sets), tmp_path / "local", progress=False, log=lambda m: None)
-    local.run()
-    out = tmp_path / "deployed"
-    res = _deploy(out, [f"partition-id={i}" for i in range(4)], _quoted(sets), None, port=19790)
-    assert res.returncode == 0, res.stdout[-4000:]
-    a, b = _adapter(local.run_dir), _adapter(out)
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
-    assert max(float(t.abs().max()) for t in a.values()) > 0
-    mine, theirs = deterministic_view(_metrics(local.run_dir)), deterministic_view(_metrics(out))
-    assert mine == theirs
+    out = _deployed_equals_local(tmp_path, sets, port=19790)
     assert [r.get("slora_stage") for r in _metrics(out) if r["round"] > 0] == [1, 2]
 
 

@@ -488,18 +488,18 @@ class RoundAccumulator(ABC):
             _check_sent(sent, update, label)
         if agg.averages_factors:
             norm = factor_change_norm(update.factors, sent)
-            c = clip_factor(norm, bound)
-            if c < 1.0:
-                update = dataclasses.replace(update, factors=clip_factors_towards(update.factors, sent, c))
         else:
             norm = product_change_norm(update.factors, {m: update.scale(m) for m in update.factors}, sent)
-            c = clip_factor(norm, bound)
-            if self.folds_clipped_products:
-                self._clip = (c, sent)
-            elif c < 1.0:
-                update = _clipped_product_update(update, sent, c)
         if not math.isfinite(norm):
             raise AggregationError(f"{label}: its contribution's norm is not finite ({norm}); it cannot be bounded")
+        c = clip_factor(norm, bound)
+        if agg.averages_factors:
+            if c < 1.0:
+                update = dataclasses.replace(update, factors=clip_factors_towards(update.factors, sent, c))
+        elif self.folds_clipped_products:
+            self._clip = (c, sent)
+        elif c < 1.0:
+            update = _clipped_product_update(update, sent, c)
         return update, ClipRecord(client=update.client_id or label, norm=norm, bound=bound, factor=c)
 
     def finish(self) -> GlobalState:
